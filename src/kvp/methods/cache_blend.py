@@ -1,0 +1,33 @@
+"""``cache_blend``: layers 0–1 recomputed for every document token; the ``ratio`` of tokens whose
+layer-1 KV deviates most from the reused cache continue through layers 2..L (EuroSys'25)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvp.methods.partial import Choice, PartialRecompute, check_ratio, doc_positions
+
+
+@dataclass
+class CacheBlend(PartialRecompute):
+    ratio: float = 0.15
+    check_layer: int = 1
+
+    name = "cache_blend"
+
+    def __post_init__(self):
+        check_ratio(self.ratio, self.name)
+
+    def choose(self, ctx, kv, token_ids, docs) -> Choice:
+        ratio, check_layer = self.ratio, self.check_layer
+
+        def select(layer, idx, old, new):
+            if layer != check_layer:
+                return None
+            dev = sum(((n.float() - o.float()) ** 2).sum(dim=(0, 2)) for o, n in zip(old, new))
+            k = round(ratio * len(idx))
+            return dev.topk(k).indices  # (k,) positions into idx
+
+        return Choice(doc_positions(docs), select)

@@ -1,0 +1,23 @@
+"""``epic``: the first ``n_tokens`` of every document recomputed in all layers (attention-sink repair)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvp.methods.partial import Choice, PartialRecompute
+
+
+@dataclass
+class Epic(PartialRecompute):
+    n_tokens: int = 32
+
+    name = "epic"
+
+    def __post_init__(self):
+        if self.n_tokens < 0:
+            raise ValueError(f"epic: n_tokens={self.n_tokens} must be >= 0")
+
+    def choose(self, ctx, kv, token_ids, docs) -> Choice:
+        return Choice(torch.cat([torch.arange(a, min(b, a + self.n_tokens)) for a, b in docs]))

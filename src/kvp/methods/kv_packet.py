@@ -1,0 +1,24 @@
+"""``kv_packet``: wrapped packets concatenated, keys re-rotated (the paper's method, SPEC §2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvp.methods.base import Method, Prefilled, QueryContext, assemble_packets, prefill_on_assembled
+
+
+@dataclass
+class KVPacket(Method):
+    """Uses the context's wrapper (``QueryContext.wrapper``); without one it is refused."""
+
+    name = "kv_packet"
+
+    def prepare(self, ctx: QueryContext):
+        if ctx.wrapper is None:
+            raise ValueError("kv_packet needs a PacketWrapper: pass wrapper= to make_context "
+                             "(a trained adapter from data/adapters/, or PacketWrapper.load(path))")
+        return [ctx.store.get(d, ctx.wrapper) for d in ctx.documents]
+
+    def prefill(self, ctx: QueryContext, packets) -> Prefilled:
+        kv, flops = assemble_packets(ctx, packets)
+        return prefill_on_assembled(ctx, kv, flops)
