@@ -173,7 +173,7 @@ def test_recompute_rewrites_only_selected_tokens(ctx):
     method = get_method("no_recompute")
     from kvp.methods.base import assemble_packets
 
-    kv, _ = assemble_packets(ctx, method.prepare(ctx))
+    kv, _, _ = assemble_packets(ctx, method.prepare(ctx))
     before = kv.keys.clone()
     ids = torch.cat([ctx.preamble_ids, *ctx.doc_ids])
     chosen = torch.tensor([ctx.n_preamble + 40, ctx.n_preamble + 41, ctx.n_preamble + 60])

@@ -35,14 +35,18 @@ def timer(device: torch.device):
 def prefill(model, cache, input_ids: torch.Tensor, start: int) -> torch.Tensor:
     """Prefill ``input_ids`` (S,) at positions ``start..start+S-1`` against ``cache`` (updated in place).
 
-    Returns the logits of the last position, (V,). Only the last position goes through the LM head.
+    ``start`` may exceed the cache length (compressed packets keep their positions); the new
+    tokens then attend to every cached token. Returns the last position's logits (V,); only that
+    position goes through the LM head.
     """
     if len(input_ids) == 0:
         raise ValueError("empty prompt: the question/task prompt needs at least one token")
     ids = input_ids.to(model.device)[None]  # (1, S)
     positions = torch.arange(start, start + ids.shape[1], device=model.device)[None]
+    cached = cache.get_seq_length()
+    slots = torch.arange(cached, cached + ids.shape[1], device=model.device)  # cache indices
     out = model(input_ids=ids, past_key_values=cache, position_ids=positions,
-                cache_position=positions[0], use_cache=True, logits_to_keep=1)
+                cache_position=slots, use_cache=True, logits_to_keep=1)
     return out.logits[0, -1]
 
 

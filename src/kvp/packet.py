@@ -124,7 +124,9 @@ class PacketWrapper(torch.nn.Module):
 class Packet:
     """A document's immutable KV, encoded at positions 0..length-1.
 
-    kv: keys/values (L, H_kv, n_header + n_doc + n_trailer, D). ``doc_ids``: (n_doc,) token ids.
+    kv: keys/values (L, H_kv, S, D) with S = n_header + n_doc + n_trailer, or fewer when the packet
+    was compressed; ``span`` is then the number of positions it occupies in a context (its
+    uncompressed length), so the tokens after it keep their positions. ``doc_ids``: (n_doc,).
     """
 
     kv: ChunkKV
@@ -132,10 +134,12 @@ class Packet:
     n_header: int
     n_doc: int
     n_trailer: int
+    span: int | None = None
 
     @property
     def length(self) -> int:
-        return self.n_header + self.n_doc + self.n_trailer
+        """Positions the packet occupies in an assembled context."""
+        return self.span if self.span is not None else self.n_header + self.n_doc + self.n_trailer
 
 
 def tokenize_document(tokenizer, document: str) -> torch.Tensor:
@@ -236,13 +240,15 @@ def assemble(model, preamble: ChunkKV, packets: list[Packet]) -> tuple[ChunkKV, 
     One concatenation and one batched rotation over all layers: each packet token's delta is its
     packet's start offset (the preamble's delta is 0).
     Returns:
-        (ChunkKV (L, H_kv, S_total, D), S_total — the next free position).
+        (ChunkKV (L, H_kv, S_cached, D), the next free position). The two differ only when
+        packets are compressed (then positions keep the gaps of the removed tokens).
     """
     check_cache_supported(model)
-    lengths = [preamble.length] + [p.length for p in packets]
-    deltas = torch.repeat_interleave(torch.tensor(chunk_offsets(lengths)),
-                                     torch.tensor(lengths))  # (S_total,)
+    spans = [preamble.length] + [p.length for p in packets]
+    stored = [preamble.length] + [p.kv.length for p in packets]
+    deltas = torch.repeat_interleave(torch.tensor(chunk_offsets(spans)),
+                                     torch.tensor(stored))  # (S_cached,)
     kv = concat([preamble] + [p.kv for p in packets])
-    cos, sin = rotation(model, deltas, device=kv.keys.device)  # (S_total, D)
-    return ChunkKV(apply_rotation(kv.keys, cos, sin), kv.values), int(sum(lengths))
+    cos, sin = rotation(model, deltas, device=kv.keys.device)  # (S_cached, D)
+    return ChunkKV(apply_rotation(kv.keys, cos, sin), kv.values), int(sum(spans))
 

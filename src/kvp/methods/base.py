@@ -8,7 +8,7 @@ token's logits. ``run_method`` times ``prefill`` (TTFT) and decodes the answer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -122,20 +122,21 @@ class Method:
         raise NotImplementedError
 
 
-def prefill_on_assembled(ctx: QueryContext, kv: ChunkKV, flops: int, n_recomputed: int = 0
-                         ) -> Prefilled:
-    """Turn an assembled context KV into a cache and prefill the task prompt after it."""
+def prefill_on_assembled(ctx: QueryContext, kv: ChunkKV, flops: int, n_recomputed: int = 0,
+                         next_pos: int | None = None) -> Prefilled:
+    """Turn an assembled context KV into a cache and prefill the task prompt at ``next_pos``
+    (default: right after the cached tokens)."""
     cache = to_cache(kv.keys, kv.values)
-    start = kv.length
+    start = next_pos if next_pos is not None else kv.length
     logits = prefill(ctx.model, cache, ctx.task_ids, start)
     flops += prefill_flops(ctx.arch, len(ctx.task_ids), start)
     return Prefilled(cache, logits, start + len(ctx.task_ids), flops, n_recomputed)
 
 
-def assemble_packets(ctx: QueryContext, packets: list[Packet]) -> tuple[ChunkKV, int]:
-    """Preamble + re-rotated packets, with the FLOPs of the re-rotation."""
-    kv, _ = assemble(ctx.model, ctx.preamble_kv, packets)
-    return kv, rerotation_flops(ctx.arch, sum(p.length for p in packets))
+def assemble_packets(ctx: QueryContext, packets: list[Packet]) -> tuple[ChunkKV, int, int]:
+    """Preamble + re-rotated packets: (kv, FLOPs of the re-rotation, next free position)."""
+    kv, next_pos = assemble(ctx.model, ctx.preamble_kv, packets)
+    return kv, rerotation_flops(ctx.arch, sum(p.kv.length for p in packets)), next_pos
 
 
 def run_method(method: Method, ctx: QueryContext, config: GenerationConfig = GenerationConfig()

@@ -20,5 +20,5 @@ class KVPacket(Method):
         return [ctx.store.get(d, ctx.wrapper) for d in ctx.documents]
 
     def prefill(self, ctx: QueryContext, packets) -> Prefilled:
-        kv, flops = assemble_packets(ctx, packets)
-        return prefill_on_assembled(ctx, kv, flops)
+        kv, flops, next_pos = assemble_packets(ctx, packets)
+        return prefill_on_assembled(ctx, kv, flops, next_pos=next_pos)

@@ -12,5 +12,5 @@ class NoRecompute(Method):
     name = "no_recompute"
 
     def prefill(self, ctx: QueryContext, packets) -> Prefilled:
-        kv, flops = assemble_packets(ctx, packets)
-        return prefill_on_assembled(ctx, kv, flops)
+        kv, flops, next_pos = assemble_packets(ctx, packets)
+        return prefill_on_assembled(ctx, kv, flops, next_pos=next_pos)

@@ -43,7 +43,7 @@ class PartialRecompute(Method):
         raise NotImplementedError
 
     def prefill(self, ctx: QueryContext, packets) -> Prefilled:
-        kv, flops = assemble_packets(ctx, packets)
+        kv, flops, _ = assemble_packets(ctx, packets)
         token_ids = torch.cat([ctx.preamble_ids, *ctx.doc_ids])  # (S,)
         docs, pos = [], ctx.n_preamble
         for ids in ctx.doc_ids:
