@@ -1,0 +1,455 @@
+"""Papermill matrix runner: ``python -m kvp.pipeline --profile quick``.
+
+A profile (``configs/<profile>.yaml``) names the notebooks to run and, per notebook, which axes
+of the matrix it expands and which fixed parameters it receives::
+
+    description: one line saying what the profile is for
+    defaults:              # parameters every notebook receives
+      MODEL: smollm2-135m
+      SEED: 42
+      FIG_DIR: figures
+    axes:                  # named value lists; an axis name is the notebook parameter it sets
+      MODEL: [smollm2-135m]
+      DATASET: [biography, niah]
+    notebooks:             # run in this order
+      03_evaluate:
+        expand: [MODEL, DATASET]      # one run per combination of these axes
+        params: {N_SAMPLES: 20, METHODS: [no_recompute, kv_packet]}
+
+Precedence: ``defaults`` < ``params`` < expanded axis values (a name may not be both in
+``params`` and ``expand``). ``OUT_DIR`` is set by the pipeline to the run's directory,
+``results/<profile>/<run-id>/``. Everything is validated before the first notebook starts:
+profile keys, notebook names, axis names, model / dataset / method names (any parameter named
+or ending in MODEL(S), DATASET(S), METHOD(S)), and each parameter against the notebook's
+``parameters`` cell.
+
+Each run executes into a temporary notebook renamed into place on success, then writes
+``DONE.json``; finished runs are skipped unless ``--force``. A failed run keeps
+``<notebook>.failed.ipynb`` and ``run.log`` and does not stop the others. At the end
+``summary.csv`` (see :func:`kvp.results.collect_summary`) and ``pipeline.json`` (wall time,
+counts, failures) are written into ``results/<profile>/``; the exit code is 1 if any run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import NoneType, UnionType
+from typing import Any, Union, get_args, get_origin
+
+import yaml
+
+from kvp import __version__
+from kvp.results import DONE_FILE, atomic_path, collect_summary, write_json
+
+# The one place listing what a profile may name (later pointed at the method / dataset registries).
+METHODS = (
+    "no_cache", "full_recompute", "no_recompute", "kv_packet", "cache_blend", "epic", "a3",
+    "sam_kv", "rand_recompute",
+)
+DATASETS = ("biography", "niah", "hotpotqa", "musique", "jsonl", "mixture")
+NOTEBOOKS = (
+    "01_attention_shift", "02_train_adapters", "03_evaluate", "04_attention_maps",
+    "05_compression", "06_latency",
+)
+KERNEL = "python3"
+PROFILE_KEYS = ("description", "defaults", "axes", "notebooks")
+NOTEBOOK_KEYS = ("expand", "params")
+RESERVED_PARAMS = ("OUT_DIR",)
+LOG_FILE = "run.log"
+
+
+class ConfigError(ValueError):
+    """A profile or a parameter value that cannot be run; the message says how to fix it."""
+
+
+# ------------------------------------------------------------------------------- value checks
+def allowed_models() -> list[str]:
+    """Registry names accepted as MODEL (hub ids containing "/" and existing paths also are)."""
+    from kvp.models import registry_names
+
+    return registry_names()
+
+
+def _check_names(key: str, values: Sequence[Any], allowed: Sequence[str], kind: str, where: str) -> None:
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ConfigError(f"{where}: unknown {kind} {bad[0]!r} in {key}; allowed: {list(allowed)}. "
+                          f"Correct the value of {key}.")
+
+
+def _check_models(key: str, values: Sequence[Any], where: str) -> None:
+    unresolved = [v for v in values if not (isinstance(v, str) and ("/" in v or Path(v).exists()))]
+    if unresolved:
+        _check_names(key, unresolved, allowed_models(), "model", where + " (a hub id 'org/name' "
+                     "or an existing local path is also accepted)")
+
+
+def validate_params(params: Mapping[str, Any], where: str = "parameters") -> None:
+    """Check model, dataset and method names in ``params``; raise :class:`ConfigError` if unknown.
+
+    A parameter is checked by its name: ``MODEL``/``MODELS`` (or ending in ``_MODEL(S)``),
+    likewise ``DATASET(S)`` and ``METHOD(S)``; a plural name holds a list.
+    """
+    for key, value in params.items():
+        values = value if isinstance(value, list) else [value]
+        word = key.rsplit("_", 1)[-1].rstrip("S")
+        if word == "MODEL":
+            _check_models(key, values, where)
+        elif word == "DATASET":
+            _check_names(key, values, DATASETS, "dataset", where)
+        elif word == "METHOD":
+            _check_names(key, values, METHODS, "method", where)
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    """Whether ``value`` fits the type hint ``expected`` (scalars, unions, list[T], dict[K, V])."""
+    origin = get_origin(expected)
+    if origin in (Union, UnionType):
+        return any(_matches(value, arg) for arg in get_args(expected))
+    if origin is list:
+        (item,) = get_args(expected)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        k, v = get_args(expected)
+        return isinstance(value, dict) and all(_matches(a, k) and _matches(b, v) for a, b in value.items())
+    if expected in (None, NoneType):
+        return value is None
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def check_params(values: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
+    """Check a notebook's parameters against ``schema`` (name → type hint), then their names.
+
+    Call it in the first code cell after the ``parameters`` cell, e.g.
+    ``check_params(globals(), {"MODEL": str, "N_SAMPLES": int, "METHODS": list[str]})``.
+    Raises ``TypeError`` naming the parameter, its value and the expected type, and
+    :class:`ConfigError` for an unknown model / dataset / method (see :func:`validate_params`).
+    """
+    for name, expected in schema.items():
+        if name not in values:
+            raise TypeError(f"parameter {name} is missing; declare it in the notebook's parameters cell")
+        if not _matches(values[name], expected):
+            shown = getattr(expected, "__name__", None) if get_origin(expected) is None else None
+            raise TypeError(f"parameter {name}={values[name]!r} has type {type(values[name]).__name__}; "
+                            f"expected {shown or expected}. Fix the parameters cell or the profile.")
+    validate_params({name: values[name] for name in schema}, where="notebook parameters")
+
+
+# ------------------------------------------------------------------------------------ profiles
+@dataclass(frozen=True)
+class NotebookPlan:
+    """One notebook of a profile: the axes it expands and its fixed parameters."""
+
+    name: str
+    expand: tuple[str, ...] = ()
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell of the matrix: a notebook with fully resolved parameters (``OUT_DIR`` included)."""
+
+    notebook: str
+    run_id: str
+    out_dir: Path
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A parsed ``configs/<name>.yaml``."""
+
+    name: str
+    source: Path
+    description: str
+    defaults: dict[str, Any]
+    axes: dict[str, list[Any]]
+    notebooks: dict[str, NotebookPlan]
+
+    def runs(self, results_dir: str | Path) -> list[Run]:
+        """Expand the matrix into runs, notebooks in profile order, axes in ``expand`` order."""
+        runs = []
+        for plan in self.notebooks.values():
+            for combo in itertools.product(*(self.axes[a] for a in plan.expand)):
+                expanded = dict(zip(plan.expand, combo, strict=True))
+                params = {**self.defaults, **plan.params, **expanded}
+                run_id = make_run_id(plan.name, expanded, params)
+                out_dir = Path(results_dir) / self.name / run_id
+                runs.append(Run(plan.name, run_id, out_dir, {**params, "OUT_DIR": str(out_dir)}))
+        return runs
+
+
+def make_run_id(notebook: str, expanded: Mapping[str, Any], params: Mapping[str, Any]) -> str:
+    """Readable, deterministic id: notebook, expanded values, hash of all parameters.
+
+    E.g. ``03_evaluate__smollm2-135m__biography__seed42__a1b2c3``: strings appear as themselves
+    (``/`` and other unsafe characters become ``-``), other values prefixed with the axis name.
+    """
+    parts = [v if isinstance(v, str) else f"{k.lower()}{v}" for k, v in expanded.items()]
+    slugs = [re.sub(r"[^A-Za-z0-9._-]+", "-", str(p)) for p in parts]
+    digest = hashlib.sha1(json.dumps([notebook, dict(params)], sort_keys=True, default=str).encode())
+    return "__".join([notebook, *slugs, digest.hexdigest()[:6]])
+
+
+def _require_mapping(value: Any, what: str, source: Path) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {what} must be a mapping, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _reject_unknown_keys(data: Mapping, allowed: Sequence[str], where: str) -> None:
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {list(allowed)}")
+
+
+def _parse_plan(name: str, data: Any, axes: Mapping[str, list], source: Path) -> NotebookPlan:
+    where = f"{source}, notebook {name}"
+    data = _require_mapping(data, f"notebook {name}", source)
+    _reject_unknown_keys(data, NOTEBOOK_KEYS, where)
+    expand = data.get("expand") or []
+    if not isinstance(expand, list):
+        raise ConfigError(f"{where}: expand must be a list of axis names, got {expand!r}")
+    for axis in expand:
+        if axis not in axes:
+            raise ConfigError(f"{where}: expand names unknown axis {axis!r}; axes: {list(axes)}. "
+                              f"Add it under 'axes' or remove it from expand.")
+    params = _require_mapping(data.get("params"), f"{name}.params", source)
+    both = [k for k in params if k in expand]
+    if both:
+        raise ConfigError(f"{where}: {both[0]} is both expanded and fixed in params; keep one")
+    return NotebookPlan(name, tuple(expand), dict(params))
+
+
+def parse_profile(name: str, data: Any, source: Path) -> Profile:
+    """Build a :class:`Profile` from loaded YAML, checking its structure (not yet its values)."""
+    data = _require_mapping(data, "the profile", source)
+    _reject_unknown_keys(data, PROFILE_KEYS, str(source))
+    axes = _require_mapping(data.get("axes"), "axes", source)
+    for axis, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{source}: axis {axis} must be a non-empty list, got {values!r}")
+    defaults = _require_mapping(data.get("defaults"), "defaults", source)
+    notebooks = _require_mapping(data.get("notebooks"), "notebooks", source)
+    if not notebooks:
+        raise ConfigError(f"{source}: 'notebooks' is empty; list at least one of {list(NOTEBOOKS)}")
+    plans = {nb: _parse_plan(nb, spec, axes, source) for nb, spec in notebooks.items()}
+    for key in RESERVED_PARAMS:
+        if key in defaults or key in axes or any(key in p.params for p in plans.values()):
+            raise ConfigError(f"{source}: {key} is set by the pipeline (the run directory); remove it")
+    return Profile(name, source, str(data.get("description", "")), dict(defaults), dict(axes), plans)
+
+
+def load_profile(name: str, config_dir: str | Path = "configs") -> Profile:
+    """Read and parse ``<config_dir>/<name>.yaml``; an unknown name lists the available ones."""
+    path = Path(config_dir) / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in Path(config_dir).glob("*.yaml"))
+        raise ConfigError(f"unknown profile {name!r}: no {path}; available profiles: {available}. "
+                          f"Pick one of them or create {path}.")
+    return parse_profile(name, yaml.safe_load(path.read_text()), path)
+
+
+def notebook_parameters(path: Path) -> set[str]:
+    """Names declared in the notebook's ``parameters`` cell."""
+    import papermill
+
+    return set(papermill.inspect_notebook(str(path)))
+
+
+def validate(profile: Profile, runs: Sequence[Run], notebook_dir: Path, need_files: bool) -> None:
+    """Check notebook names, parameter values and (where the notebook exists) parameter names."""
+    present = sorted(p.stem for p in notebook_dir.glob("*.ipynb"))
+    allowed = sorted({*NOTEBOOKS, *present})
+    for name in profile.notebooks:
+        if name not in allowed:
+            raise ConfigError(f"{profile.source}: unknown notebook {name!r}; allowed: {allowed}. "
+                              f"Fix the name or add {notebook_dir / name}.ipynb.")
+        if need_files and name not in present:
+            raise ConfigError(f"{profile.source}: notebook {name} has no file {notebook_dir / name}.ipynb "
+                              f"yet; write it, drop it from the profile, or use --only / --dry-run")
+    declared = {nb: notebook_parameters(notebook_dir / f"{nb}.ipynb") for nb in profile.notebooks
+                if nb in present}
+    for run in runs:
+        where = f"{profile.source}, run {run.run_id}"
+        validate_params(run.params, where)
+        if run.notebook in declared:
+            unknown = sorted(set(run.params) - declared[run.notebook])
+            if unknown:
+                raise ConfigError(f"{where}: parameter {unknown[0]} is not declared in the parameters "
+                                  f"cell of {run.notebook}; declared: {sorted(declared[run.notebook])}")
+
+
+# ----------------------------------------------------------------------------------- execution
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one run."""
+
+    run: Run
+    status: str  # "done", "skipped" or "failed"
+    wall_s: float = 0.0
+    log: Path | None = None
+    error: str = ""
+
+
+def _strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+
+
+def _notebook_streams(path: Path) -> str:
+    """stdout/stderr text of every executed cell of the notebook at ``path``."""
+    if not path.exists():
+        return ""
+    cells = json.loads(path.read_text()).get("cells", [])
+    return "".join("".join(out.get("text", "")) for cell in cells for out in cell.get("outputs", [])
+                   if out.get("output_type") == "stream")
+
+
+def _write_log(run: Run, notebook: Path, error: BaseException | None) -> Path:
+    log = run.out_dir / LOG_FILE
+    parts = [f"run {run.run_id}\nnotebook {run.notebook}\nparameters "
+             f"{json.dumps(run.params, indent=2, default=str)}\n",
+             "---- cell output ----\n" + _notebook_streams(notebook)]
+    if error is not None:
+        parts.append("---- error ----\n" + "".join(traceback.format_exception(error)))
+    with atomic_path(log) as tmp:
+        tmp.write_text(_strip_ansi("\n".join(parts)))
+    return log
+
+
+def execute_run(run: Run, notebook_dir: Path, force: bool = False) -> Outcome:
+    """Execute one run unless already done; the executed notebook appears only when complete."""
+    import papermill
+
+    done = run.out_dir / DONE_FILE
+    if done.exists() and not force:
+        return Outcome(run, "skipped")
+    done.unlink(missing_ok=True)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    partial = run.out_dir / f"{run.notebook}.partial.ipynb"
+    failed = run.out_dir / f"{run.notebook}.failed.ipynb"
+    started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
+    try:
+        papermill.execute_notebook(str(notebook_dir / f"{run.notebook}.ipynb"), str(partial),
+                                   parameters=run.params, kernel_name=KERNEL, cwd=str(Path.cwd()),
+                                   log_output=False, progress_bar=False)
+    except Exception as error:  # any failure of the notebook is reported, the matrix goes on
+        log = _write_log(run, partial, error)
+        if partial.exists():
+            os.replace(partial, failed)
+        message = _strip_ansi(str(error)).strip().splitlines()
+        return Outcome(run, "failed", time.perf_counter() - t0, log, message[-1] if message else "")
+    wall_s = time.perf_counter() - t0
+    os.replace(partial, run.out_dir / f"{run.notebook}.ipynb")
+    failed.unlink(missing_ok=True)
+    log = _write_log(run, run.out_dir / f"{run.notebook}.ipynb", None)
+    write_json(done, {"notebook": run.notebook, "run_id": run.run_id, "parameters": run.params,
+                      "started": started, "wall_s": round(wall_s, 3), "kvp_version": __version__})
+    return Outcome(run, "done", wall_s, log)
+
+
+def run_matrix(runs: Sequence[Run], notebook_dir: Path, force: bool = False) -> list[Outcome]:
+    """Execute every run in order with a progress bar; failures are collected, not raised."""
+    from tqdm.auto import tqdm
+
+    outcomes = []
+    with tqdm(runs, desc="pipeline", unit="run") as bar:
+        for run in bar:
+            bar.set_postfix_str(run.run_id)
+            outcome = execute_run(run, notebook_dir, force)
+            bar.write(f"{outcome.status:>7}  {run.run_id}  ({outcome.wall_s:.1f} s)")
+            outcomes.append(outcome)
+    return outcomes
+
+
+def write_report(profile_dir: Path, profile: Profile, all_runs: Sequence[Run],
+                 outcomes: Sequence[Outcome], wall_s: float) -> None:
+    """Write ``summary.csv`` over every finished run of the matrix and ``pipeline.json``."""
+    summary = collect_summary(profile_dir, run_ids=[r.run_id for r in all_runs])
+    with atomic_path(profile_dir / "summary.csv") as tmp:
+        summary.to_csv(tmp, index=False)
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
+    write_json(profile_dir / "pipeline.json", {
+        "profile": profile.name, "config": str(profile.source), "wall_s": round(wall_s, 3),
+        "runs": len(outcomes), **counts, "summary_rows": len(summary),
+        "failures": [{"run_id": o.run.run_id, "log": str(o.log), "error": o.error}
+                     for o in outcomes if o.status == "failed"],
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m kvp.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", required=True, help="configs/<profile>.yaml, e.g. quick or paper")
+    parser.add_argument("--only", action="append", metavar="NOTEBOOK",
+                        help="run only this notebook of the profile (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="validate and list the runs, run nothing")
+    parser.add_argument("--force", action="store_true", help="re-run cells already marked done")
+    parser.add_argument("--config-dir", type=Path, default=Path("configs"))
+    parser.add_argument("--results-dir", type=Path, default=Path("results"))
+    parser.add_argument("--notebook-dir", type=Path, default=Path("notebooks"))
+    return parser.parse_args(argv)
+
+
+def select(runs: Sequence[Run], profile: Profile, only: Sequence[str] | None) -> list[Run]:
+    """The runs of the notebooks named by ``--only`` (all runs when it is not given)."""
+    if not only:
+        return list(runs)
+    for name in only:
+        if name not in profile.notebooks:
+            raise ConfigError(f"--only {name!r} is not a notebook of profile {profile.name}; "
+                              f"its notebooks: {list(profile.notebooks)}")
+    return [r for r in runs if r.notebook in only]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Validate the profile, run its matrix, write the report; 0 if every run succeeded."""
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        profile = load_profile(args.profile, args.config_dir)
+        all_runs = profile.runs(args.results_dir)
+        runs = select(all_runs, profile, args.only)
+        validate(profile, runs, args.notebook_dir, need_files=not args.dry_run)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for run in runs:
+            state = "done" if (run.out_dir / DONE_FILE).exists() and not args.force else "todo"
+            print(f"{state:>4}  {run.run_id}")
+        print(f"{len(runs)} runs in profile {profile.name}")
+        return 0
+    outcomes = run_matrix(runs, args.notebook_dir, args.force)
+    profile_dir = args.results_dir / profile.name
+    write_report(profile_dir, profile, all_runs, outcomes, time.perf_counter() - t0)
+    failures = [o for o in outcomes if o.status == "failed"]
+    print(f"{len(outcomes)} runs: {len(outcomes) - len(failures)} ok "
+          f"({sum(o.status == 'skipped' for o in outcomes)} skipped), {len(failures)} failed; "
+          f"summary in {profile_dir / 'summary.csv'}")
+    for o in failures:
+        print(f"FAILED {o.run.run_id}: {o.error}\n       log: {o.log}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

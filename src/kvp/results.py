@@ -1,0 +1,154 @@
+"""Tidy run results: one directory per run, written atomically, collected into one summary.
+
+A run directory (``results/<profile>/<run-id>/``, the notebook's ``OUT_DIR``) holds:
+
+* ``config.json``  — the run's parameters and anything else needed to reproduce it;
+* ``metrics.json`` — free-form scalar metrics of the run (e.g. training loss, wall time);
+* ``results.csv``  — the tidy table, one row per (model, dataset, method, setting) evaluation,
+  with the columns of :data:`RESULT_COLUMNS` (missing ones are left empty) plus any extra columns
+  the notebook wants to keep (press name, compression ratio, context length, ...);
+* ``DONE.json``    — written by the pipeline only after the whole notebook succeeded.
+
+Every file is written to a temporary name in the same directory and renamed into place, so a
+reader never sees half a file. :func:`collect_summary` gathers the ``results.csv`` of every
+finished run of a profile into one table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+RESULTS_FILE = "results.csv"
+DONE_FILE = "DONE.json"
+
+REQUIRED_COLUMNS = ("model", "dataset", "method")
+RESULT_COLUMNS = (
+    *REQUIRED_COLUMNS, "setting", "n", "f1_micro", "ci_low", "ci_high", "agree_f1", "ttft_ms", "flops",
+)
+# Columns the summary adds to say where each row came from.
+SOURCE_COLUMNS = ("notebook", "run_id")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary name keeps the suffix of ``path`` so that writers choosing a format from the
+    extension (matplotlib, pandas) behave as for the real name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
+    """Write ``data`` as indented JSON atomically; values JSON cannot hold are written as strings."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return Path(path)
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """Read a JSON object written by :func:`write_json`."""
+    return json.loads(Path(path).read_text())
+
+
+def results_frame(rows: pd.DataFrame | Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Normalise result rows to a frame with :data:`RESULT_COLUMNS` first, extra columns after.
+
+    Raises ``ValueError`` when a required column (model, dataset, method) is missing or empty.
+    """
+    df = pd.DataFrame(rows).copy()
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns or df[c].isna().any()]
+    if missing:
+        raise ValueError(
+            f"result rows lack values for {missing}; every row needs {list(REQUIRED_COLUMNS)} "
+            f"(got columns {list(df.columns)}). Add them to each row dict."
+        )
+    for col in RESULT_COLUMNS:
+        if col not in df.columns:
+            df[col] = "" if col == "setting" else math.nan
+    df["setting"] = df["setting"].fillna("").astype(str)
+    extra = [c for c in df.columns if c not in RESULT_COLUMNS]
+    return df[[*RESULT_COLUMNS, *extra]]
+
+
+def write_run_results(
+    out_dir: str | Path,
+    rows: pd.DataFrame | Sequence[Mapping[str, Any]],
+    config: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a run's ``config.json``, ``metrics.json`` and ``results.csv`` into ``out_dir``.
+
+    ``rows`` is one dict (or frame row) per evaluation with at least ``model``, ``dataset`` and
+    ``method``; see :data:`RESULT_COLUMNS` for the standard columns. Returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    table = results_frame(rows)
+    write_json(out_dir / CONFIG_FILE, dict(config))
+    write_json(out_dir / METRICS_FILE, dict(metrics or {}))
+    with atomic_path(out_dir / RESULTS_FILE) as tmp:
+        table.to_csv(tmp, index=False)
+    return out_dir
+
+
+@dataclass(frozen=True)
+class RunResults:
+    """The three tidy files of one run directory."""
+
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    table: pd.DataFrame
+
+
+def read_run_results(out_dir: str | Path) -> RunResults:
+    """Read back what :func:`write_run_results` wrote into ``out_dir``."""
+    out_dir = Path(out_dir)
+    if not (out_dir / RESULTS_FILE).exists():
+        raise FileNotFoundError(
+            f"{out_dir} holds no {RESULTS_FILE}; the run did not call kvp.results.write_run_results"
+        )
+    table = pd.read_csv(out_dir / RESULTS_FILE, keep_default_na=False, na_values=[""])
+    table["setting"] = table["setting"].fillna("").astype(str)
+    return RunResults(read_json(out_dir / CONFIG_FILE), read_json(out_dir / METRICS_FILE), table)
+
+
+def collect_summary(profile_dir: str | Path, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """Concatenate the results of every finished run (``DONE.json`` present) under ``profile_dir``.
+
+    ``run_ids`` restricts the summary to those runs (the pipeline passes its current matrix, so
+    runs of an older configuration left on disk are not mixed in). Columns:
+    :data:`RESULT_COLUMNS` then :data:`SOURCE_COLUMNS`; runs without ``results.csv`` (e.g.
+    training or attention notebooks) contribute no rows.
+    """
+    wanted = None if run_ids is None else set(run_ids)
+    frames = []
+    for done in sorted(Path(profile_dir).glob(f"*/{DONE_FILE}")):
+        run_dir = done.parent
+        if (wanted is not None and run_dir.name not in wanted) or not (run_dir / RESULTS_FILE).exists():
+            continue
+        table = read_run_results(run_dir).table
+        table["notebook"] = read_json(done).get("notebook", "")
+        table["run_id"] = run_dir.name
+        frames.append(table[[*RESULT_COLUMNS, *SOURCE_COLUMNS]])
+    if not frames:
+        return pd.DataFrame(columns=[*RESULT_COLUMNS, *SOURCE_COLUMNS])
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,231 @@
+"""The papermill matrix runner and the tidy results files it collects."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kvp import pipeline
+from kvp.pipeline import ConfigError, check_params, load_profile, parse_profile, validate
+from kvp.results import (
+    DONE_FILE, RESULT_COLUMNS, SOURCE_COLUMNS, collect_summary, read_run_results, write_json,
+    write_run_results,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "pipeline"
+SOURCE = Path("test.yaml")
+
+
+def profile_of(data: dict, name: str = "test") -> pipeline.Profile:
+    return parse_profile(name, data, SOURCE)
+
+
+def cli(profile: str, results_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "kvp.pipeline", "--profile", profile, "--config-dir", str(FIXTURES),
+            "--notebook-dir", str(FIXTURES), "--results-dir", str(results_dir), *extra]
+
+
+# --------------------------------------------------------------------------- matrix expansion
+def test_expansion_is_the_product_of_the_expanded_axes_with_precedence():
+    profile = profile_of({
+        "defaults": {"MODEL": "smollm2-135m", "SEED": 1, "FIG_DIR": "figures"},
+        "axes": {"DATASET": ["biography", "niah"], "SEED": [42, 43], "UNUSED": [0]},
+        "notebooks": {"03_evaluate": {"expand": ["DATASET", "SEED"], "params": {"N_SAMPLES": 3}},
+                      "06_latency": {"params": {"SEED": 7}}},
+    })
+    runs = profile.runs("results")
+    assert [r.notebook for r in runs] == ["03_evaluate"] * 4 + ["06_latency"]
+    assert [(r.params["DATASET"], r.params["SEED"]) for r in runs[:4]] == [
+        ("biography", 42), ("biography", 43), ("niah", 42), ("niah", 43)]
+    assert runs[4].params == {"MODEL": "smollm2-135m", "SEED": 7, "FIG_DIR": "figures",
+                              "OUT_DIR": str(Path("results", "test", runs[4].run_id))}
+    assert all(r.params["N_SAMPLES"] == 3 and r.params["MODEL"] == "smollm2-135m" for r in runs[:4])
+    assert len({r.run_id for r in runs}) == len(runs)
+
+
+def test_run_id_is_readable_and_deterministic():
+    run_id = pipeline.make_run_id("03_evaluate", {"MODEL": "Qwen/Qwen3-4B", "DATASET": "niah", "SEED": 42},
+                                  {"MODEL": "Qwen/Qwen3-4B", "DATASET": "niah", "SEED": 42, "N": 5})
+    assert re.fullmatch(r"03_evaluate__Qwen-Qwen3-4B__niah__seed42__[0-9a-f]{6}", run_id)
+    same = pipeline.make_run_id("03_evaluate", {"MODEL": "Qwen/Qwen3-4B", "DATASET": "niah", "SEED": 42},
+                                {"N": 5, "SEED": 42, "DATASET": "niah", "MODEL": "Qwen/Qwen3-4B"})
+    other = pipeline.make_run_id("03_evaluate", {"MODEL": "Qwen/Qwen3-4B", "DATASET": "niah", "SEED": 42},
+                                 {"MODEL": "Qwen/Qwen3-4B", "DATASET": "niah", "SEED": 42, "N": 6})
+    assert same == run_id and other != run_id
+
+
+@pytest.mark.parametrize("name", ["quick", "paper"])
+def test_shipped_profiles_expand_and_validate(name):
+    profile = load_profile(name, ROOT / "configs")
+    runs = profile.runs("results")
+    validate(profile, runs, ROOT / "notebooks", need_files=False)
+    assert set(profile.notebooks) == set(pipeline.NOTEBOOKS)
+    assert len({r.run_id for r in runs}) == len(runs)
+    evaluate = [r for r in runs if r.notebook == "03_evaluate"]
+    assert {r.params["DATASET"] for r in evaluate} >= {"biography", "niah"}
+    assert all(set(r.params["METHODS"]) == set(pipeline.METHODS) for r in evaluate)
+    if name == "quick":
+        assert {r.params["MODEL"] for r in runs} == {"smollm2-135m"}
+    else:
+        assert {r.params["MODEL"] for r in evaluate} == {"meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-4B"}
+
+
+# ------------------------------------------------------------------------------- validation
+GOOD = {"axes": {"DATASET": ["biography"]},
+        "notebooks": {"03_evaluate": {"expand": ["DATASET"], "params": {"METHODS": ["kv_packet"]}}}}
+
+
+def with_changes(**notebook: object) -> dict:
+    return {"axes": GOOD["axes"], "notebooks": {"03_evaluate": {**GOOD["notebooks"]["03_evaluate"], **notebook}}}
+
+
+@pytest.mark.parametrize("data, bad, allowed", [
+    ({**GOOD, "axis": {}}, "'axis'", "notebooks"),
+    (with_changes(param={}), "'param'", "expand"),
+    (with_changes(expand=["DATASETS"]), "'DATASETS'", "DATASET"),
+    (with_changes(params={"DATASET": "niah"}), "DATASET", "keep one"),
+    ({**GOOD, "defaults": {"OUT_DIR": "x"}}, "OUT_DIR", "set by the pipeline"),
+    ({"axes": {"DATASET": []}, "notebooks": GOOD["notebooks"]}, "DATASET", "non-empty list"),
+])
+def test_structural_errors_name_the_key(data, bad, allowed):
+    with pytest.raises(ConfigError, match=re.escape(bad)) as info:
+        profile_of(data)
+    assert allowed in str(info.value)
+
+
+@pytest.mark.parametrize("params, bad, allowed", [
+    ({"MODEL": "gpt-17"}, "'gpt-17'", "smollm2-135m"),
+    ({"METHODS": ["kv_packet", "kv_pakcet"]}, "'kv_pakcet'", "cache_blend"),
+    ({"METHOD": "blend"}, "'blend'", "rand_recompute"),
+    ({"DATASET": "squad"}, "'squad'", "hotpotqa"),
+    ({"TRAIN_DATASET": "wiki"}, "'wiki'", "mixture"),
+])
+def test_unknown_names_are_refused_before_running(params, bad, allowed, tmp_path):
+    profile = profile_of({"notebooks": {"06_latency": {"params": params}}})
+    with pytest.raises(ConfigError, match=re.escape(bad)) as info:
+        validate(profile, profile.runs(tmp_path), tmp_path, need_files=False)
+    assert allowed in str(info.value)
+
+
+def test_hub_ids_and_existing_paths_are_accepted_models(tmp_path):
+    pipeline.validate_params({"MODEL": "org/model", "MODELS": [str(tmp_path), "smollm2-135m"]})
+
+
+def test_unknown_notebook_and_undeclared_parameter(tmp_path):
+    profile = profile_of({"notebooks": {"07_extra": {}}})
+    with pytest.raises(ConfigError, match="'07_extra'.*03_evaluate"):
+        validate(profile, profile.runs(tmp_path), FIXTURES, need_files=False)
+    profile = profile_of({"notebooks": {"tiny": {"params": {"N_SAMPLEZ": 3}}}})
+    with pytest.raises(ConfigError, match="N_SAMPLEZ.*declared: .*SLEEP_S"):
+        validate(profile, profile.runs(tmp_path), FIXTURES, need_files=True)
+    profile = profile_of({"notebooks": {"03_evaluate": {}}})
+    with pytest.raises(ConfigError, match="no file"):
+        validate(profile, profile.runs(tmp_path), FIXTURES, need_files=True)
+
+
+def test_cli_refuses_unknown_profile_and_only(tmp_path, capsys):
+    assert pipeline.main(["--profile", "nope", "--config-dir", str(FIXTURES)]) == 2
+    assert "unknown profile 'nope'" in capsys.readouterr().err
+    args = ["--profile", "tiny", "--config-dir", str(FIXTURES), "--notebook-dir", str(FIXTURES),
+            "--results-dir", str(tmp_path)]
+    assert pipeline.main([*args, "--only", "03_evaluate"]) == 2
+    assert "its notebooks: ['tiny']" in capsys.readouterr().err
+    assert pipeline.main([*args, "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("todo") == 2
+    assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------ check_params
+def test_check_params_names_parameter_value_and_type():
+    schema = {"N": int, "R": float, "M": list[str], "P": str | None}
+    check_params({"N": 3, "R": 1, "M": ["a"], "P": None, "OTHER": object()}, schema)
+    with pytest.raises(TypeError, match=r"N=True has type bool; expected int"):
+        check_params({"N": True, "R": 1.0, "M": [], "P": None}, schema)
+    with pytest.raises(TypeError, match=r"M=\['a', 2\].*expected list\[str\]"):
+        check_params({"N": 1, "R": 1.0, "M": ["a", 2], "P": "x"}, schema)
+    with pytest.raises(TypeError, match="parameter R is missing"):
+        check_params({"N": 1}, schema)
+    with pytest.raises(ConfigError, match="'magic'"):
+        check_params({"METHODS": ["magic"]}, {"METHODS": list[str]})
+
+
+# ------------------------------------------------------------------------------ results files
+def test_run_results_round_trip_and_summary(tmp_path):
+    rows = [{"model": "m", "dataset": "biography", "method": "kv_packet", "f1_micro": 0.5, "press": "knorm"},
+            {"model": "m", "dataset": "biography", "method": "epic", "setting": "p=30", "n": 10}]
+    write_run_results(tmp_path / "run_a", rows, {"MODEL": "m"}, {"loss": 1.5})
+    back = read_run_results(tmp_path / "run_a")
+    assert list(back.table.columns) == [*RESULT_COLUMNS, "press"]
+    assert back.table["setting"].tolist() == ["", "p=30"] and back.metrics == {"loss": 1.5}
+    assert collect_summary(tmp_path).empty  # not marked done yet
+    write_json(tmp_path / "run_a" / DONE_FILE, {"notebook": "03_evaluate"})
+    summary = collect_summary(tmp_path)
+    assert list(summary.columns) == [*RESULT_COLUMNS, *SOURCE_COLUMNS] and len(summary) == 2
+    assert collect_summary(tmp_path, run_ids=["other"]).empty
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    with pytest.raises(ValueError, match=r"\['method'\]"):
+        write_run_results(tmp_path / "run_b", [{"model": "m", "dataset": "d"}], {})
+
+
+# ------------------------------------------------------------------------- end-to-end matrix
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, "pipeline ended before the condition was met"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.notebook
+def test_killed_pipeline_resumes_and_skips_finished_cells(tmp_path):
+    profile_dir = tmp_path / "tiny"
+    proc = subprocess.Popen(cli("tiny", tmp_path), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: any(profile_dir.glob(f"*/{DONE_FILE}")), proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the pipeline and its kernel
+        proc.wait()
+    (first_done,) = profile_dir.glob(f"*/{DONE_FILE}")
+    stamp = first_done.stat().st_mtime_ns
+    assert not (profile_dir / "summary.csv").exists()
+
+    resumed = subprocess.run(cli("tiny", tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"skipped  {first_done.parent.name}" in resumed.stdout
+    assert first_done.stat().st_mtime_ns == stamp
+    run_dirs = sorted(p for p in profile_dir.iterdir() if p.is_dir())
+    for run_dir in run_dirs:
+        assert {"DONE.json", "tiny.ipynb", "results.csv", "config.json", "metrics.json"} <= {
+            p.name for p in run_dir.iterdir()}
+        assert not [p for p in run_dir.iterdir() if "partial" in p.name or ".tmp" in p.name]
+    summary = pd.read_csv(profile_dir / "summary.csv")
+    assert sorted(summary["dataset"].unique()) == ["biography", "niah"] and len(summary) == 4
+    report = json.loads((profile_dir / "pipeline.json").read_text())
+    assert (report["done"], report["skipped"], report["failed"]) == (1, 1, 0) and report["wall_s"] > 0
+
+
+@pytest.mark.notebook
+def test_failing_cell_does_not_stop_the_matrix(tmp_path):
+    result = subprocess.run(cli("tiny_fail", tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    runs = {p.name.split("__")[1]: p for p in (tmp_path / "tiny_fail").iterdir() if p.is_dir()}
+    failed, ok = runs["failTrue"], runs["failFalse"]
+    assert (ok / DONE_FILE).exists() and not (failed / DONE_FILE).exists()
+    log = failed / pipeline.LOG_FILE
+    assert f"log: {log}" in result.stdout and "RuntimeError: tiny notebook asked to fail" in result.stdout
+    assert "tiny notebook asked to fail" in log.read_text()
+    assert (failed / "tiny.failed.ipynb").exists() and not (failed / "tiny.ipynb").exists()
+    report = json.loads((tmp_path / "tiny_fail" / "pipeline.json").read_text())
+    assert report["failures"] == [{"run_id": failed.name, "log": str(log),
+                                   "error": "RuntimeError: tiny notebook asked to fail"}]

@@ -1,0 +1,38 @@
+"""Figure helpers: files written, every method styled."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+
+from kvp import plots
+from kvp.pipeline import METHODS
+
+
+def test_every_method_has_a_distinct_style():
+    assert set(plots.METHOD_STYLE) == set(METHODS)
+    assert len({s.color for s in plots.METHOD_STYLE.values()}) == len(METHODS)
+    assert plots.method_label("kv_packet") == "KV Packet" and plots.method_label("new") == "new"
+
+
+def test_save_fig_writes_png_and_pdf(tmp_path):
+    plots.set_theme()
+    df = pd.DataFrame({"method": ["kv_packet", "no_recompute", "full_recompute"],
+                       "f1_micro": [0.8, 0.3, 0.9], "ci_low": [0.7, 0.2, 0.85], "ci_high": [0.9, 0.4, 0.95],
+                       "flops": [1e6, 1e6, 1e12]})
+    fig, (left, middle, right) = plt.subplots(1, 3)
+    plots.plot_method_bars(df, "f1_micro", "ci_low", "ci_high", ax=left)
+    plots.plot_method_bars(df, "flops", ax=middle, log=True)
+    lines = pd.DataFrame({"method": ["kv_packet"] * 2 + ["epic"] * 2, "ratio": [0.1, 0.5] * 2,
+                          "f1_micro": [0.8, 0.6, 0.7, 0.4]})
+    plots.plot_method_lines(lines, "ratio", "f1_micro", ax=right, logx=True, logy=True)
+    assert [t.get_text() for t in left.get_xticklabels()] == ["Full Recompute", "No Recompute", "KV Packet"]
+    assert middle.get_yscale() == "log"
+
+    png, pdf = plots.save_fig(fig, "demo", fig_dir=tmp_path / "figs")
+    assert png.read_bytes().startswith(b"\x89PNG") and pdf.read_bytes().startswith(b"%PDF")
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["demo.pdf", "demo.png"]
+    with pytest.raises(ValueError, match="'demo'"):
+        plots.save_fig(fig, "demo.png", fig_dir=tmp_path)
+    plt.close(fig)
