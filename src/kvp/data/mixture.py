@@ -1,0 +1,55 @@
+"""Training mixtures (SPEC §2, "Mixture"): several datasets' train splits, shuffled together.
+
+``components`` maps dataset names to integer counts (``{"biography": 64, "niah": 128}``), or to
+float weights together with a total ``n`` (counts are the weights' largest-remainder rounding).
+``options`` passes loader options per component, e.g. ``{"hotpotqa": {"path": ...},
+"biography": {"num_docs": 3}}``. Each component draws from its own seed derived from ``seed``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from kvp.data import DATASETS, Sample, load_dataset, seeded_rng
+
+
+def component_counts(components: dict[str, float], n: int | None) -> dict[str, int]:
+    """Integer counts: the given ints when ``n`` is None, else ``n`` split by the weights."""
+    if not components:
+        raise ValueError("components is empty; give e.g. {'biography': 64, 'niah': 128}")
+    if any(w < 0 for w in components.values()):
+        raise ValueError(f"components={components}: counts and weights must be >= 0")
+    if n is None:
+        if not all(float(w).is_integer() for w in components.values()):
+            raise ValueError(f"components={components} holds weights but n is None; give integer "
+                             "counts, or weights with a total n")
+        return {name: int(w) for name, w in components.items()}
+    total = sum(components.values())
+    if total <= 0:
+        raise ValueError(f"components={components}: the weights must not all be 0")
+    exact = {name: n * w / total for name, w in components.items()}
+    counts = {name: math.floor(x) for name, x in exact.items()}
+    by_remainder = sorted(exact, key=lambda name: (counts[name] - exact[name], name))
+    for name in by_remainder[: n - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+def load_mixture(split: str = "train", n: int | None = None, seed: int = 0,
+                 components: dict[str, float] | None = None,
+                 options: dict[str, dict] | None = None) -> list[Sample]:
+    """A seeded shuffle of the train samples of every component (train split only)."""
+    if split != "train":
+        raise ValueError(f"split={split!r}: mixtures are for training; use split='train'")
+    counts = component_counts(components or {}, n)
+    options = options or {}
+    allowed = [d for d in DATASETS if d != "mixture"]
+    bad = [name for name in [*counts, *options] if name not in allowed]
+    if bad:
+        raise ValueError(f"unknown mixture component(s) {bad}; use names from {allowed}")
+    samples: list[Sample] = []
+    for name, count in counts.items():
+        component_seed = seeded_rng("mixture", seed, name).randrange(2**31)
+        samples += load_dataset(name, "train", count, component_seed, **options.get(name, {}))
+    seeded_rng("mixture-order", seed).shuffle(samples)
+    return samples
