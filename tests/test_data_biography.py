@@ -55,7 +55,8 @@ def test_target_document_states_the_answer_and_slot_is_recorded():
 
 def test_target_slot_is_uniform():
     n, k = 1000, 5
-    counts = Counter(s.meta["target_slot"] for s in load_dataset("biography", "train", n=n, seed=0, num_docs=k))
+    samples = load_dataset("biography", "train", n=n, seed=0, num_docs=k)
+    counts = Counter(s.meta["target_slot"] for s in samples)
     expected = n / k
     chi2 = sum((counts[i] - expected) ** 2 / expected for i in range(k))
     assert chi2 < 13.28  # chi-square, 4 degrees of freedom, p = 0.01
@@ -71,7 +72,8 @@ def test_forced_slot_and_longer_documents():
 
 
 def test_birth_date_answers_have_variants():
-    s = next(s for s in load_dataset("biography", "test", n=100, seed=9) if s.meta["attribute"] == "birth_date")
+    samples = load_dataset("biography", "test", n=100, seed=9)
+    s = next(s for s in samples if s.meta["attribute"] == "birth_date")
     assert len(s.answers) == 3 and any("-" in a for a in s.answers)
 
 

@@ -63,8 +63,9 @@ def test_filler_is_varied_prose():
     assert len(paragraphs) >= 36 and len(set(sentences)) == len(sentences) > 150
 
 
-@pytest.mark.parametrize("kw, match", [(dict(variant="multi"), "variant"), (dict(chunk_chars=50), "chunk_chars"),
-                                       (dict(depth=1.5), "depth"), (dict(context_tokens=10), "context_tokens")])
+@pytest.mark.parametrize("kw, match", [
+    (dict(variant="multi"), "variant"), (dict(chunk_chars=50), "chunk_chars"),
+    (dict(depth=1.5), "depth"), (dict(context_tokens=10), "context_tokens")])
 def test_bad_options_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         load_dataset("niah", "test", n=1, seed=0, **kw)
