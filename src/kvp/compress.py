@@ -1,0 +1,327 @@
+"""KV compression of packets with kvpress presses (SPEC §4 Figure 4, §6).
+
+Each packet is compressed *as it is built*: the press's context manager is active while
+``[header ; document ; trailer]`` is prefilled from position 0, so every layer's cache is pruned right
+after its attention ran (kvpress's public ``with press(model): ...`` API, nothing patched). The pruned
+packet keeps ``span`` = its uncompressed length: in an assembled context it still occupies all its
+positions, the kept keys keep their local rotation, and the usual re-rotation by the packet's offset
+stays exact (``kvp.packet.assemble``).
+
+* ``PRESSES`` / ``make_press`` — the presses of Figure 4 by name.
+* ``ProtectedPress`` — wraps a scorer press so the first ``n_first`` and last ``n_last`` positions
+  (header and trailer) are never pruned.
+* ``compress_packet`` — one compressed packet; ``CompressedStore`` — a ``PacketStore`` of compressed
+  packets, so ``kv_packet`` / ``no_recompute`` run unchanged on them.
+* ``JointCompressed`` — the baseline: one compressed cache over preamble + all documents.
+* ``compression_sweep`` — the tidy table of Figure 4.
+
+Compression ratio = fraction of the KV pairs removed, kvpress's convention: a sequence of ``S``
+tokens keeps ``max(1, int(S · (1 - ratio)))`` pairs per layer and KV head (each head keeps its own
+positions). Protected tokens count *inside* that budget, as in the paper's reference runs (their
+protected and unprotected packets have the same size): protection changes which tokens are kept,
+not how many.
+
+Only presses that score positions and prune by top-k (``ScorerPress`` subclasses that keep its
+``compress``) are accepted: they leave one shorter cache per layer, all layers of equal length, which
+is what a packet stores. Presses with per-layer or per-head budgets (PyramidKV, AdaKV, DuoAttention)
+or that move positions (KeyRerotationPress, which would contradict ``span``) are refused.
+Kept tokens stay in the order kvpress returns them (by score, not by position); attention over a
+cache does not depend on the order of its tokens.
+
+Importing this module imports kvpress, which wraps transformers' attention functions with a
+pass-through for models that use no head-wise masking (kvpress's own import-time behaviour).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import pandas as pd
+import torch
+from kvpress import (BasePress, ExpectedAttentionPress, KeyDiffPress, KnormPress, ScorerPress,
+                     SnapKVPress, StreamingLLMPress, TOVAPress)
+from kvpress.utils import compute_n_kept
+from torch import nn
+
+from kvp.cache import encode
+from kvp.data import Sample
+from kvp.data.prompts import build_segments, segment_ids
+from kvp.evaluate import EvalSettings, evaluate
+from kvp.flops import prefill_flops
+from kvp.methods import Method, Prefilled, QueryContext, get_method
+from kvp.methods.base import prefill_on_assembled
+from kvp.metrics import f1_micro
+from kvp.packet import Packet, PacketStore, PacketWrapper, build_packet, tokenize_document
+
+PRESSES: dict[str, type[ScorerPress]] = {
+    "expected_attention": ExpectedAttentionPress,
+    "snapkv": SnapKVPress,
+    "knorm": KnormPress,
+    "streaming_llm": StreamingLLMPress,
+    "tova": TOVAPress,
+    "keydiff": KeyDiffPress,
+}
+VARIANTS = ("packet", "packet_protected", "joint")
+
+
+def make_press(name: str, compression_ratio: float, **params) -> ScorerPress:
+    """A press of ``PRESSES`` by name, e.g. ``make_press("snapkv", 0.3, window_size=16)``."""
+    if name not in PRESSES:
+        raise ValueError(f"unknown press {name!r}; choose one of {', '.join(PRESSES)} (or pass "
+                         "any ScorerPress instance)")
+    return PRESSES[name](compression_ratio=compression_ratio, **params)
+
+
+def check_press(press: BasePress) -> None:
+    """Refuse presses whose result is not one equally shortened cache per layer (module docstring)."""
+    if isinstance(press, ProtectedPress):
+        return
+    if not isinstance(press, ScorerPress) or type(press).compress is not ScorerPress.compress:
+        raise ValueError(f"{type(press).__name__} is not supported: packets need a press that "
+                         "scores positions and prunes the same number per layer (a ScorerPress "
+                         f"without its own compress), e.g. one of {', '.join(PRESSES)}")
+
+
+def min_tokens(press: BasePress) -> int:
+    """Fewest tokens a sequence needs for ``press`` to score it.
+
+    SnapKV needs more tokens than its observation ``window_size``; ExpectedAttention and
+    StreamingLLM more than their ``n_sink`` sink tokens (ExpectedAttention's query statistics come
+    from the tokens after the sinks); protection needs room for the protected tokens in the budget.
+    """
+    inner = press.press if isinstance(press, ProtectedPress) else press
+    need = max(getattr(inner, "window_size", 0), getattr(inner, "n_sink", 0)) + 1
+    if isinstance(press, ProtectedPress):
+        n_protected = press.n_first + press.n_last
+        while compute_n_kept(need, press.compression_ratio) < n_protected:
+            need += 1
+    return need
+
+
+@dataclass
+class ProtectedPress(BasePress):
+    """A scorer press whose first ``n_first`` and last ``n_last`` positions are never pruned.
+
+    ``score`` is the wrapped press's score with the protected positions raised to +inf, so
+    kvpress's own top-k (``ScorerPress.compress``) keeps them; the budget is the wrapped press's
+    ``compression_ratio`` over all positions, protected ones included.
+
+    StreamingLLM scores by position only (the ``n_pruned`` tokens after its ``n_sink`` sinks are
+    evicted); raising the header to +inf would leave the choice among its remaining equal scores
+    to top-k tie-breaking. For it, protecting the first ``n_first`` tokens is done as what it
+    means: ``n_sink = max(n_sink, n_first)``, the evicted window starts after the header. The
+    trailer is the most recent window, which StreamingLLM keeps anyway.
+    """
+
+    press: ScorerPress
+    n_first: int = 0
+    n_last: int = 0
+
+    def __post_init__(self):
+        check_press(self.press)
+        if self.n_first < 0 or self.n_last < 0:
+            raise ValueError(f"n_first={self.n_first}, n_last={self.n_last}: the numbers of "
+                             "protected positions must be >= 0")
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.press.compression_ratio
+
+    def post_init_from_model(self, model) -> None:
+        self.press.post_init_from_model(model)
+
+    def score(self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor,
+              values: torch.Tensor, attentions: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
+        """Scores (B, H_kv, S) of the wrapped press, +inf at the protected positions.
+
+        keys/values (B, H_kv, S, D), hidden_states (B, S, d_model), as kvpress passes them.
+        """
+        k_len = keys.shape[2]
+        n_kept = compute_n_kept(k_len, self.compression_ratio)
+        if self.n_first + self.n_last > n_kept:
+            raise ValueError(f"cannot protect {self.n_first}+{self.n_last} positions when only "
+                             f"{n_kept} of {k_len} are kept at compression_ratio="
+                             f"{self.compression_ratio}; lower the ratio or use longer documents")
+        press = self.press
+        if isinstance(press, StreamingLLMPress):
+            press = replace(press, n_sink=max(press.n_sink, self.n_first))
+        scores = press.score(module, hidden_states, keys, values, attentions, kwargs)  # (B, H, S)
+        scores[..., :self.n_first] = torch.inf
+        scores[..., k_len - self.n_last:] = torch.inf
+        return scores
+
+    compress = ScorerPress.compress  # kvpress's top-k pruning, applied to the protected scores
+
+
+def compress_packet(model, tokenizer, document: str, press: BasePress,
+                    wrapper: PacketWrapper | None = None, protect_wrapper: bool = False,
+                    allow_short: bool = False) -> Packet:
+    """Build a packet under ``press`` (SPEC §4 Figure 4): pruned KV, ``span`` = uncompressed length.
+
+    Args:
+        press: a scorer press (``PRESSES``) or a ``ProtectedPress``.
+        protect_wrapper: keep the wrapper's header and trailer tokens (wraps ``press`` in a
+            ``ProtectedPress(press, h, t)``; they count inside the budget).
+        allow_short: a packet shorter than the press needs (``min_tokens``) is kept uncompressed
+            with a warning instead of raising ``ValueError``.
+    Returns:
+        Packet with kv (L, H_kv, max(1, int(S·(1-ratio))), D), S = h + n_doc + t, and span = S.
+    """
+    check_press(press)
+    h, t = (wrapper.h, wrapper.t) if wrapper is not None else (0, 0)
+    if protect_wrapper and h + t:
+        press = ProtectedPress(press, n_first=h, n_last=t)
+    n_tokens = h + len(tokenize_document(tokenizer, document)) + t
+    need = min_tokens(press)
+    if n_tokens < need:
+        message = (f"packet of {n_tokens} tokens (h={h} + document + t={t}, document starts "
+                   f"{document[:40]!r}) is shorter than the {need} tokens {press!r} needs")
+        if not allow_short:
+            raise ValueError(message + "; use longer documents, a smaller window/sink setting, or "
+                             "allow_short=True to keep such packets uncompressed")
+        warnings.warn(message + "; kept uncompressed", stacklevel=2)
+        return build_packet(model, tokenizer, document, wrapper)
+    with press(model):
+        packet = build_packet(model, tokenizer, document, wrapper)
+    return replace(packet, span=n_tokens)
+
+
+@dataclass
+class CompressedStore(PacketStore):
+    """A ``PacketStore`` whose packets are built under ``press`` (in memory only).
+
+    Pass it as ``make_context(..., store=...)``: ``kv_packet`` (``store.get(doc, wrapper)``) and
+    ``no_recompute`` (``store.get(doc)``) then run unchanged on compressed packets. Packets are keyed
+    by (model, wrapper, press with its parameters, protection, document).
+    """
+
+    press: BasePress | None = None
+    protect_wrapper: bool = False
+    allow_short: bool = False
+
+    def __post_init__(self):
+        if self.press is None:
+            raise ValueError("CompressedStore needs press=..., e.g. make_press('knorm', 0.3)")
+        if self.directory is not None:
+            raise ValueError(f"directory={self.directory!r}: compressed packets are kept in memory "
+                             "only; use directory=None")
+        check_press(self.press)
+
+    def key(self, document: str, wrapper: PacketWrapper | None) -> tuple[str, ...]:
+        return (*super().key(document, wrapper), repr(self.press), str(self.protect_wrapper))
+
+    def get(self, document: str, wrapper: PacketWrapper | None = None) -> Packet:
+        key = self.key(document, wrapper)
+        if key not in self._memory:
+            self._memory[key] = compress_packet(self.model, self.tokenizer, document, self.press,
+                                                wrapper, self.protect_wrapper, self.allow_short)
+            self.n_encoded += 1
+        return self._memory[key]
+
+
+@dataclass
+class JointCompressed(Method):
+    """Baseline of Figure 4: one compressed cache over all documents, recomputed per query.
+
+    Preamble and documents are prefilled jointly from position 0 under ``press`` (kvpress compresses
+    only a prefill that starts the cache, so the preamble is part of the compressed context, as in
+    kvpress's own pipeline); then the task prompt is prefilled after it, uncompressed. FLOPs count
+    that whole prefill; ``n_recomputed`` the document tokens.
+    """
+
+    name = "joint_compressed"
+    press: BasePress
+
+    def __post_init__(self):
+        check_press(self.press)
+
+    def prepare(self, ctx: QueryContext):
+        return None
+
+    def prefill(self, ctx: QueryContext, prepared) -> Prefilled:
+        ids = torch.cat([ctx.preamble_ids, *ctx.doc_ids])  # (P + n_docs_tokens,)
+        if len(ids) < min_tokens(self.press):
+            raise ValueError(f"context of {len(ids)} tokens is shorter than the "
+                             f"{min_tokens(self.press)} tokens {self.press!r} needs")
+        with self.press(ctx.model):
+            kv = encode(ctx.model, input_ids=ids)  # (L, H_kv, n_kept, D)
+        flops = prefill_flops(ctx.arch, len(ids), 0)
+        return prefill_on_assembled(ctx, kv, flops, n_recomputed=ctx.n_docs_tokens,
+                                    next_pos=len(ids))
+
+
+PressFactory = Callable[[float], BasePress]
+
+
+def compression_runs(model, tokenizer, samples: Sequence[Sample],
+                     presses: Mapping[str, PressFactory] | Sequence[str], ratios: Sequence[float],
+                     wrapper: PacketWrapper | None, settings: EvalSettings,
+                     variants: Sequence[str] = VARIANTS, allow_short: bool = False) -> pd.DataFrame:
+    """One row per (press, ratio, variant, sample): ``kvp.evaluate.evaluate``'s columns plus
+    ``press``, ``ratio``, ``variant`` and ``kv_tokens`` (context KV pairs per layer and head cached
+    before the prompt: preamble + compressed packets, or the joint compressed cache).
+
+    Args:
+        presses: names of ``PRESSES`` or {label: factory(ratio) -> press}.
+        variants: of ``VARIANTS``: ``packet`` (kv_packet on compressed packets; no_recompute when
+            ``wrapper`` is None), ``packet_protected`` (header/trailer kept; needs a wrapper) and
+            ``joint`` (``JointCompressed``).
+    A fresh store per (press, ratio, variant) keeps memory at one set of packets at a time.
+    """
+    factories = (dict(presses) if isinstance(presses, Mapping)
+                 else {name: (lambda r, n=name: make_press(n, r)) for name in presses})
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if wrapper is None and "packet_protected" in variants:
+        raise ValueError("variant 'packet_protected' protects the wrapper's header/trailer: pass a "
+                         "wrapper or drop the variant")
+    segments = {s.id: build_segments(tokenizer, s) for s in samples}  # sample ids are unique
+    ids = {i: segment_ids(tokenizer, seg) for i, seg in segments.items()}  # (preamble, docs, task)
+    frames = []
+    for label, factory in factories.items():
+        for ratio in ratios:
+            for variant in variants:
+                press = factory(ratio)
+                if variant == "joint":
+                    rows = evaluate(model, tokenizer, list(samples), [JointCompressed(press)],
+                                    settings, wrapper)
+                    kv_tokens = {i: compute_n_kept(len(pre) + sum(map(len, docs)), ratio)
+                                 for i, (pre, docs, _) in ids.items()}
+                else:
+                    store = CompressedStore(model, tokenizer, settings.model_name, press=press,
+                                            protect_wrapper=variant == "packet_protected",
+                                            allow_short=allow_short)
+                    method = get_method("kv_packet" if wrapper is not None else "no_recompute")
+                    rows = evaluate(model, tokenizer, list(samples), [method], settings, wrapper,
+                                    store)
+                    kv_tokens = {i: len(ids[i][0]) + sum(store.get(d, wrapper).kv.length
+                                                         for d in seg.documents)
+                                 for i, seg in segments.items()}
+                frames.append(rows.assign(press=label, ratio=ratio, variant=variant,
+                                          kv_tokens=rows.sample_id.map(kv_tokens)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def compression_sweep(model, tokenizer, samples: Sequence[Sample],
+                      presses: Mapping[str, PressFactory] | Sequence[str], ratios: Sequence[float],
+                      wrapper: PacketWrapper | None, settings: EvalSettings,
+                      variants: Sequence[str] = VARIANTS, allow_short: bool = False
+                      ) -> pd.DataFrame:
+    """Figure 4's table: one row per (press, ratio, variant) with n, f1_micro, mean kv_tokens.
+
+    See ``compression_runs`` for the arguments and the per-sample rows behind it.
+    """
+    runs = compression_runs(model, tokenizer, samples, presses, ratios, wrapper, settings,
+                            variants, allow_short)
+    return summarize_runs(runs)
+
+
+def summarize_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per-sample rows of ``compression_runs`` → one row per (press, ratio, variant)."""
+    out = [{"press": press, "ratio": ratio, "variant": variant, "n": len(g),
+            "f1_micro": f1_micro(list(g.answer), list(g.gold)), "kv_tokens": g.kv_tokens.mean()}
+           for (press, ratio, variant), g in runs.groupby(["press", "ratio", "variant"], sort=False)]
+    return pd.DataFrame(out)
