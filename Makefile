@@ -36,3 +36,13 @@ test-slow: setup
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
+
+# ---- Browser tests (tests/test_browser.py, marker `browser`) -------------------------------------
+# Headless Chromium from Debian (installed only when missing and we are root); the Python driver
+# `playwright` comes with the test extra. Browsers are never downloaded by playwright itself.
+.PHONY: browser-setup
+browser-setup:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	fi
+test: browser-setup

@@ -1,0 +1,127 @@
+"""The attention-map viewer, driven from Python (the real-browser test is tests/test_browser.py)."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from kvp import attention as A
+from kvp.methods import make_context
+from kvp.packet import PacketStore, PacketWrapper
+from kvp.widgets import AttentionViewer, as_viewer_sample, plain_view, segment_of, token_labels
+
+PREAMBLE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            "Answer the question using the documents below.\n")
+SAMPLES = [
+    (PREAMBLE, ["Alice Moreau was born in Lyon and works for Nestle.\n",
+                "Bruno Keller was born in Graz and lives in Zurich.\n"],
+     "Where was Bruno Keller born?<|im_end|>\n<|im_start|>assistant\n"),
+    (PREAMBLE, ["The Amstel flows through Amsterdam.\n", "The Danube flows through Vienna.\n",
+                "The Vltava flows through Prague.\n"],
+     "Which river flows through Prague?<|im_end|>\n<|im_start|>assistant\n"),
+]
+
+
+@pytest.fixture(scope="module")
+def viewer(smollm):
+    model, tokenizer, _ = smollm
+    wrapper = PacketWrapper.init_from_embeddings(model, h=2, t=2, seed=0)
+    return AttentionViewer(model, tokenizer, SAMPLES, wrapper=wrapper, blend_ratio=0.5)
+
+
+def test_viewer_draws_png_and_caches_attention(viewer):
+    assert viewer.image.value[:4] == b"\x89PNG"
+    before, captures = viewer.image.value, viewer.n_captures
+    times = []
+    for layer in (1, 2, 3, 4, 5):
+        viewer.layer_w.value = layer
+        times.append(viewer.last_redraw_s)
+        assert viewer.image.value != before
+        before = viewer.image.value
+    assert viewer.n_captures == captures  # slider moves only redraw
+    assert statistics.median(times) < 1.0, times
+    assert viewer.last_error is None
+
+
+def test_viewer_views_methods_and_heads(viewer):
+    images = set()
+    for method in viewer.methods:
+        viewer.method_w.value = method
+        for view in ("map", "segments", "difference"):
+            viewer.view_w.value = view
+            images.add(viewer.image.value)
+    viewer.mean_w.value = False
+    viewer.head_w.value = 2
+    images.add(viewer.image.value)
+    assert len(images) == 4 * 3 + 1
+    assert viewer.last_error is None
+    viewer.mean_w.value = True
+    viewer.view_w.value = "map"
+
+
+def test_cache_blend_ratio_and_sample_switch_recapture(viewer):
+    viewer.method_w.value = "cache_blend"
+    n = viewer.n_captures
+    viewer.ratio_w.value = 0.2
+    assert viewer.n_captures == n + 1
+    viewer.sample_w.value = 1
+    assert viewer.query_w.max == viewer.attention(1, "cache_blend").layout.length - 1
+    assert viewer.query_w.value == viewer.query_w.max  # reset to the last prompt token
+    assert "Prague" in viewer.tokens.value or "prague" in viewer.tokens.value.lower()
+    viewer.query_w.value = 3  # a preamble row: CacheBlend computes none in one pass
+    assert "computes no attention row" in viewer.tokens.value
+
+
+def test_token_panel_lists_top_keys_with_tooltips(viewer):
+    viewer.method_w.value = "kv_packet"
+    viewer.query_w.value = viewer.query_w.max
+    panel = viewer.tokens.value
+    assert "<ol>" in panel and "title='" in panel and "doc 1" in panel
+
+
+def test_token_labels_and_segments(smollm):
+    model, tokenizer, _ = smollm
+    wrapper = PacketWrapper.init_from_embeddings(model, h=2, t=1, seed=0)
+    preamble, docs, task = SAMPLES[0]
+    ctx = make_context(model, tokenizer, PacketStore(model, tokenizer, "m"), preamble, docs, task,
+                       wrapper=wrapper)
+    amap = A.capture(ctx, "kv_packet")
+    labels = token_labels(tokenizer, amap)
+    lay = amap.layout
+    assert labels[lay.headers[1][0]] == "[H1]" and labels[lay.trailers[0][0]] == "[T1]"
+    assert "".join(labels[slice(*lay.bodies[0])]) == docs[0]
+    assert segment_of(lay, lay.headers[1][0]) == "doc 2 header"
+    assert segment_of(lay, lay.bodies[1][0]) == "doc 2"
+    assert segment_of(lay, lay.final[0]) == "prompt"
+    plain, plain_layout = plain_view(amap, amap.probs[0, 0])
+    n_plain = lay.length - 2 * (2 + 1)
+    assert plain.shape == (n_plain, n_plain) and plain_layout.length == n_plain
+    torch.testing.assert_close(plain[-1], amap.probs[0, 0, -1][amap.token_ids >= 0])
+
+
+def test_samples_as_segments_and_sample_objects(smollm):
+    _, tokenizer, _ = smollm
+    triple = as_viewer_sample(tokenizer, SAMPLES[0], 0)
+    assert triple.documents == SAMPLES[0][1]
+    data = pytest.importorskip("kvp.data")
+    prompts = pytest.importorskip("kvp.data.prompts")
+    sample = data.Sample("s1", ["Alice was born in Lyon."], "Where was Alice born?", ["Lyon"],
+                         {"dataset": "biography"})
+    seg = prompts.build_segments(tokenizer, sample)
+    from_sample = as_viewer_sample(tokenizer, sample, 0)
+    from_segments = as_viewer_sample(tokenizer, seg, 0)
+    assert from_sample.label == "s1"
+    assert (from_sample.preamble, from_sample.documents, from_sample.task) == \
+        (from_segments.preamble, from_segments.documents, from_segments.task)
+
+
+def test_viewer_refuses_bad_arguments(smollm):
+    model, tokenizer, _ = smollm
+    with pytest.raises(ValueError, match="needs wrapper"):
+        AttentionViewer(model, tokenizer, SAMPLES)
+    with pytest.raises(ValueError, match="choose one or more"):
+        AttentionViewer(model, tokenizer, SAMPLES, methods=["epic"])
+    with pytest.raises(TypeError, match="triple"):
+        as_viewer_sample(tokenizer, "just text", 0)
