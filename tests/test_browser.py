@@ -133,9 +133,6 @@ def run_all_cells(page, tries: int = 5) -> None:
 
 
 def shot(page, name: str) -> Path:
-    news = page.locator(".jp-Notification-Toast-Container button", has_text="No")
-    if news.count():  # JupyterLab's "get notified about news?" toast would cover the viewer
-        news.first.click()
     path = OUT / name
     page.locator(VIEWER).screenshot(path=str(path))
     return path
@@ -157,6 +154,8 @@ def drive_viewer(lab, page) -> None:
     rel = (work / NOTEBOOK.name).relative_to(ROOT).as_posix()
     page.goto(f"{base}/lab/tree/{rel}?token={token}")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+    # JupyterLab's "get notified about news?" toast would cover the viewer in the screenshots.
+    page.add_style_tag(content=".Toastify { display: none !important; }")
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
 
     run_all_cells(page)
