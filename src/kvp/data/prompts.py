@@ -149,6 +149,18 @@ def segment_ids(tokenizer, segments: PromptSegments) -> tuple[list[int], list[li
             encode(tokenizer, segments.task))
 
 
+# Generation budgets of SPEC §4 (tokens).
+MAX_NEW_TOKENS = {"biography": 32, "niah": 128, "musique": 256, "hotpotqa": 512, "jsonl": 64}
+
+
+def generation_config(tokenizer, dataset: str, max_new_tokens: int | None = None):
+    """Greedy decoding budget of the dataset (SPEC §4) with the tokenizer's end-of-turn markers."""
+    from kvp.generate import GenerationConfig
+
+    budget = max_new_tokens or MAX_NEW_TOKENS.get(dataset, 64)
+    return GenerationConfig(max_new_tokens=budget, stop_strings=tuple(stop_strings(tokenizer)))
+
+
 def stop_strings(tokenizer) -> list[str]:
     """End-of-turn markers this tokenizer knows (its EOS token first), for stopping generation."""
     vocab = tokenizer.get_vocab()
