@@ -262,13 +262,17 @@ def ensure_converted(name: str) -> Path:
 
 
 # --------------------------------------------------------------------------- loading
-def _random_architecture(name: str, overrides: dict | None):
+def _random_architecture(name: str, overrides: dict | None, dtype: torch.dtype,
+                         device: torch.device):
+    """Build the architecture with random weights directly on ``device`` in ``dtype`` (an 8B model
+    initialised on the CPU in float32 first would take minutes and 32 GB of host memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     params = {**ARCHITECTURES[name], **(overrides or {})}
     config = AutoConfig.for_model(**params)
     check_supported(config)
-    model = AutoModelForCausalLM.from_config(config)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model, None
 
 
@@ -334,8 +338,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
         source = f"embedded GGUF ({', '.join(EMBEDDED[name].pip_packages)}), sha256 {EMBEDDED[name].sha256}"
     elif random_weights:
         torch.manual_seed(0)
-        model, tokenizer = _random_architecture(name, config_overrides)
-        model = model.to(dtype)
+        model, tokenizer = _random_architecture(name, config_overrides, dtype, device)
         model.config._attn_implementation = attn_implementation
         source = "random weights from the architecture's configuration"
     elif looks_local or "/" in name:

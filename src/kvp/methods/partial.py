@@ -69,7 +69,8 @@ def top_fraction(scores: torch.Tensor, positions: torch.Tensor, ratio: float) ->
 def question_attention(ctx: QueryContext, kv: ChunkKV, token_ids: torch.Tensor,
                        layers: list[int] | None = None) -> tuple[torch.Tensor, int]:
     """Attention from the task prompt's tokens to every cached token, summed over heads, queries and
-    ``layers`` (default all): (S,), with the FLOPs of the scoring pass.
+    ``layers`` (default all): (S,) on the CPU (it indexes CPU positions), with the FLOPs of the
+    scoring pass.
 
     The prompt is run through a scratch copy of the cache extended by its own tokens; the real
     cache is not touched.
@@ -81,5 +82,5 @@ def question_attention(ctx: QueryContext, kv: ChunkKV, token_ids: torch.Tensor,
     idx = torch.arange(kv.length, kv.length + n_task)
     trace: RecomputeTrace = recompute(ctx.model, scratch, ids, idx, keep_attention=True)
     chosen = layers if layers is not None else range(len(trace.attention))
-    scores = torch.stack([trace.attention[i] for i in chosen]).sum(0)[: kv.length]
+    scores = torch.stack([trace.attention[i] for i in chosen]).sum(0)[: kv.length].cpu()
     return scores, recompute_flops(ctx.arch, trace.tokens_per_layer, scratch.length)

@@ -1,0 +1,148 @@
+"""The optimised KV Packet path (kvp.fast) against the plain path, and the TTFT benchmark's output.
+
+No timing is asserted: only equivalence, the CSV schema and the analysis helpers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kvp.bench import (BenchConfig, IdTokenizer, bench_model, environment, loglog_slopes,
+                       plot_latency, synthetic_context, write_csv)
+from kvp.fast import KVBuffer, PromptGraph, assemble_into, fast_query
+from kvp.methods import get_method
+from kvp.models import load_model
+from kvp.packet import PacketWrapper, assemble
+
+SMALL_LLAMA = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=512,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1024)
+REQUIRED = ["device", "model", "method", "context_tokens", "n_docs", "ttft_ms", "floor_ms", "flops",
+            "peak_mem_bytes"]
+TINY = BenchConfig(context_tokens=(160,), n_docs=(2, 3), n_docs_default=2, n_docs_context=160,
+                   preamble_tokens=16, prompt_tokens=8, methods=(("full_recompute", {}),
+                                                                 ("kv_packet", {})),
+                   warmup=0, repeats=1, min_repeats=1, max_seconds=0.0)
+
+
+@pytest.fixture(scope="module")
+def small_llama():
+    model, _, _ = load_model("arch:llama-3.1-8b", device="cpu", config_overrides=SMALL_LLAMA)
+    return model
+
+
+def packet_context(model, name="m", context=160, n_docs=3):
+    wrapper = PacketWrapper.init_from_embeddings(model, 8, 8, seed=1, model_name=name)
+    ctx = synthetic_context(model, name, context, n_docs, TINY, wrapper)
+    method = get_method("kv_packet")
+    return ctx, method, method.prepare(ctx)
+
+
+@pytest.mark.parametrize("which", ["smollm", "small_llama"])
+def test_fast_query_gives_the_plain_first_logits(which, request):
+    model = request.getfixturevalue(which)
+    model = model[0] if isinstance(model, tuple) else model
+    ctx, method, packets = packet_context(model)
+    plain = method.prefill(ctx, packets)
+    buf = KVBuffer.allocate(model, plain.next_pos + 5)  # spare slots are never read
+    logits, next_pos = fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids)
+    assert next_pos == plain.next_pos
+    torch.testing.assert_close(logits, plain.first_logits, rtol=1e-4, atol=1e-4)
+    # the buffer's context + prompt slots equal the plain path's cache, layer by layer
+    end = plain.next_pos
+    for layer, cached in enumerate(plain.cache.layers):
+        torch.testing.assert_close(buf.keys[layer, :, :end], cached.keys[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(buf.values[layer, :, :end], cached.values[0])
+
+
+def test_assemble_into_keeps_the_positions_of_compressed_packets(smollm):
+    model = smollm[0]
+    ctx, _, packets = packet_context(model)
+    # drop two tokens of the first packet: later packets keep their positions (span)
+    first = packets[0]
+    packets = [dataclasses.replace(first, kv=first.kv.slice(0, first.kv.length - 2),
+                                   span=first.length)] + packets[1:]
+    kv, next_pos = assemble(model, ctx.preamble_kv, packets)
+    buf = KVBuffer.allocate(model, kv.length)
+    n_cached, pos = assemble_into(model, buf, ctx.preamble_kv, packets)
+    assert (n_cached, pos) == (kv.length, next_pos) and n_cached < next_pos
+    torch.testing.assert_close(buf.keys, kv.keys)
+    torch.testing.assert_close(buf.values, kv.values)
+
+
+def test_too_small_buffer_and_graph_on_cpu_are_refused(smollm):
+    model = smollm[0]
+    ctx, _, packets = packet_context(model)
+    with pytest.raises(ValueError, match="capacity"):
+        assemble_into(model, KVBuffer.allocate(model, 10), ctx.preamble_kv, packets)
+    with pytest.raises(ValueError, match="CUDA"):
+        PromptGraph(model, KVBuffer.allocate(model, 300), 10, 4, 10)
+
+
+def test_tiny_benchmark_writes_the_schema(smollm, small_llama, tmp_path):
+    env = environment(torch.device("cpu"), torch.float32)
+    rows = bench_model(small_llama, "arch:llama-3.1-8b", TINY, env, log=lambda s: None)
+    rows = bench_model(smollm[0], "smollm2-135m", TINY, env, previous=rows, log=lambda s: None)
+    path = tmp_path / "ttft.csv"
+    write_csv(rows, path)
+    df = pd.read_csv(path)
+    assert set(REQUIRED) <= set(df.columns)
+    # 2 models × 2 configurations × (2 methods + the fast variant; no CUDA graph on the CPU)
+    assert len(df) == 12 and (df["status"] == "ok").all()
+    assert set(df["label"]) == {"full_recompute", "kv_packet", "kv_packet[fast]"}
+    assert (df["ttft_ms"] > 0).all() and (df["floor_ms"] > 0).all() and (df["flops"] > 0).all()
+    fast = df[df["variant"] == "fast"]
+    assert fast["top1_agrees"].all() and (fast["max_logit_diff"] < 1e-3).all()
+    packet = df[df["label"] == "kv_packet"].set_index(["model", "n_docs"])
+    full = df[df["label"] == "full_recompute"].set_index(["model", "n_docs"])
+    # KV Packet caches 16 wrapper tokens per document on top of the same context
+    assert ((packet["cached_tokens"] - full["cached_tokens"]) == 16 * packet.index.get_level_values(1)).all()
+    assert (packet["flops"] < full["flops"]).all()
+
+
+def test_id_tokenizer_round_trips():
+    assert IdTokenizer()("3 1 4", add_special_tokens=False) == {"input_ids": [3, 1, 4]}
+
+
+def synthetic_results(slopes: dict[str, float]) -> pd.DataFrame:
+    rows = []
+    for label, slope in slopes.items():
+        for n in (1024, 4096, 16384):
+            rows.append(dict(device="d", model="m", method=label, variant="plain", label=label,
+                             n_docs=8, context_tokens=n, ttft_ms=3.0 * n**slope, floor_ms=1.0,
+                             status="ok"))
+    return pd.DataFrame(rows)
+
+
+def test_loglog_slopes_recover_a_power_law():
+    out = loglog_slopes(synthetic_results({"full_recompute": 1.7, "kv_packet": 0.1})).set_index("label")
+    np.testing.assert_allclose(out.loc["full_recompute", "slope"], 1.7)
+    np.testing.assert_allclose(out.loc["kv_packet", "slope"], 0.1)
+
+
+def test_plot_latency_draws_one_line_per_label_and_the_floor():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ax = plot_latency(synthetic_results({"full_recompute": 1.7, "kv_packet": 0.1}))
+    assert len(ax.get_lines()) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_rotation_and_cuda_graph_match_the_plain_path():
+    model, _, _ = load_model("arch:llama-3.1-8b", device="cuda", config_overrides=SMALL_LLAMA)
+    ctx, method, packets = packet_context(model)
+    plain = method.prefill(ctx, packets)
+    buf = KVBuffer.allocate(model, plain.next_pos)
+    logits, _ = fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused=True)
+    n_cached, start = assemble_into(model, buf, ctx.preamble_kv, packets, fused=True)
+    graph = PromptGraph(model, buf, n_cached, len(ctx.task_ids), start)
+    replayed = graph(ctx.task_ids.cuda())
+    for out in (logits, replayed):
+        torch.testing.assert_close(out.float(), plain.first_logits.float(), rtol=0.05, atol=0.5)
+        assert out.argmax() == plain.first_logits.argmax()
