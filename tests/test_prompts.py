@@ -15,7 +15,7 @@ from kvp.data.prompts import (
     segment_ids,
     stop_strings,
 )
-from kvp.models import converted_dir, ensure_converted
+from kvp.models import load_tokenizer
 
 QWEN = "qwen2.5-coder-0.5b"
 
@@ -55,21 +55,8 @@ def test_segments_match_template_smollm(smollm):
     check_segments_match_template(smollm[1])
 
 
-def qwen_tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ensure_converted(QWEN))
-
-
-def test_segments_match_template_qwen_when_converted():
-    if not (converted_dir(QWEN) / "kvp-source.sha256").exists():
-        pytest.skip(f"{QWEN} is not converted yet (about a minute, once); the slow tier converts it")
-    check_segments_match_template(qwen_tokenizer())
-
-
-@pytest.mark.slow
 def test_segments_match_template_qwen():
-    check_segments_match_template(qwen_tokenizer())
+    check_segments_match_template(load_tokenizer(QWEN))
 
 
 def test_segment_roles(smollm):
@@ -106,6 +93,7 @@ def test_template_that_alters_content_is_refused():
     ("Answer: Sydney\nExplanation follows", "biography", "Sydney"),
     ("  \n", "biography", ""),
     ("1234567\n7654321", "niah", "1234567 7654321"),
+    ("The special magic number for misty-canyon is: 4657455.", "niah", "4657455"),
 ])
 def test_extract_answer(text, dataset, expected):
     assert extract_answer(text, dataset) == expected

@@ -105,11 +105,12 @@ def test_samples_as_segments_and_sample_objects(smollm):
     _, tokenizer, _ = smollm
     triple = as_viewer_sample(tokenizer, SAMPLES[0], 0)
     assert triple.documents == SAMPLES[0][1]
-    data = pytest.importorskip("kvp.data")
-    prompts = pytest.importorskip("kvp.data.prompts")
-    sample = data.Sample("s1", ["Alice was born in Lyon."], "Where was Alice born?", ["Lyon"],
+    from kvp.data import Sample
+    from kvp.data.prompts import build_segments
+
+    sample = Sample("s1", ["Alice was born in Lyon."], "Where was Alice born?", ["Lyon"],
                          {"dataset": "biography"})
-    seg = prompts.build_segments(tokenizer, sample)
+    seg = build_segments(tokenizer, sample)
     from_sample = as_viewer_sample(tokenizer, sample, 0)
     from_segments = as_viewer_sample(tokenizer, seg, 0)
     assert from_sample.label == "s1"

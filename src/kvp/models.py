@@ -244,6 +244,7 @@ def ensure_converted(name: str) -> Path:
         return target
     shutil.rmtree(target, ignore_errors=True)
     gguf = embedded_gguf(name)
+    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -252,13 +253,32 @@ def ensure_converted(name: str) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model.save_pretrained(tmp)
+        # Written by hand: newer transformers mark GGUF-loaded models as quantized and refuse
+        # save_pretrained, although the weights are already de-quantised floats.
+        model.config.__dict__.pop("quantization_config", None)
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         (tmp / "kvp-source.sha256").write_text(EMBEDDED[name].sha256 + "\n")
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """The tokenizer alone: from the conversion cache when present, else straight from the GGUF
+    (embedded models), or from the hub id / local path."""
+    from transformers import AutoTokenizer
+
+    if name not in EMBEDDED:
+        return AutoTokenizer.from_pretrained(name)
+    marker = converted_dir(name) / "kvp-source.sha256"
+    if marker.exists():
+        return AutoTokenizer.from_pretrained(converted_dir(name))
+    gguf = embedded_gguf(name)
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
 # --------------------------------------------------------------------------- loading

@@ -173,7 +173,8 @@ def extract_answer(text: str, dataset: str) -> str:
 
     * hotpotqa / musique: the text after the last ``Short Answer:`` label; without one, the last
       non-empty line;
-    * niah: the whole generation (several numbers may span lines);
+    * niah: the numbers in the generation, space-separated (the answers are magic numbers; a
+      sentence around them is not part of the answer);
     * biography / jsonl: the first non-empty line.
 
     A leading ``Answer:`` label is removed in every case.
@@ -187,7 +188,7 @@ def extract_answer(text: str, dataset: str) -> str:
         labelled = re.findall(r"short answer\s*:\s*(.*)", text, flags=re.IGNORECASE)
         answer = labelled[-1] if labelled else lines[-1]
     elif dataset == "niah":
-        answer = " ".join(lines)
+        return " ".join(re.findall(r"\d+", text))
     else:
         answer = lines[0]
     return re.sub(r"^\W*answer\s*:\s*", "", answer.strip(), flags=re.IGNORECASE).strip()
