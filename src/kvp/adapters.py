@@ -143,6 +143,18 @@ def append_results(table: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
+def results_markdown(path: Path) -> str:
+    """The results CSV as a markdown table (one row per measured cell)."""
+    table = pd.read_csv(path)
+    lines = ["| model | dataset | shift | method | wrapper | n | F1 (95% CI) | agreement |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {r.model} | {r.dataset} | {r.split_shift} | {r.method} | "
+                     f"{r.wrapper if isinstance(r.wrapper, str) else ''} | {r.n} | "
+                     f"{r.f1_micro:.3f} ({r.ci_low:.3f}–{r.ci_high:.3f}) | {r.agree_f1:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train or evaluate the shipped adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--seeds", type=int, nargs="+", default=[0])
     ev.add_argument("--max-new-tokens", type=int, default=None)
     ev.add_argument("--root", type=Path, default=ADAPTER_DIR)
+    tb = sub.add_parser("table", help="print results.csv as a markdown table")
+    tb.add_argument("--root", type=Path, default=ADAPTER_DIR)
     pl = sub.add_parser("plot", help="draw the loss figure of every adapter under --root")
     pl.add_argument("--root", type=Path, default=ADAPTER_DIR)
     args = parser.parse_args(argv)
@@ -175,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                                   args.wrapper_dataset, args.root, args.max_new_tokens)
         append_results(table, args.root / "results.csv")
         print(table.to_string(index=False))
+    elif args.command == "table":
+        print(results_markdown(args.root / "results.csv"), end="")
     elif args.command == "plot":
         from kvp.train import plot_loss
 
