@@ -151,6 +151,70 @@ def check_params(values: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
     validate_params({name: values[name] for name in schema}, where="notebook parameters")
 
 
+# ------------------------------------------------------------------------ notebook helpers
+WRAPPER_SPECS = ("'untrained', 'shipped' (the shipped adapter of the run's dataset), "
+                 "'shipped:<dataset>' (e.g. 'shipped:mixture') or the path of a "
+                 "wrapper.safetensors file or of the directory holding one")
+
+
+def load_wrapper(spec: str, model, model_name: str, dataset: str, seed: int = 0,
+                 root: str | Path | None = None):
+    """The ``PacketWrapper`` a notebook's ``ADAPTER`` parameter names (see :data:`WRAPPER_SPECS`).
+
+    ``untrained`` is initialised from the embedding statistics (h = t = 8, ``seed``); ``shipped``
+    loads ``kvp.adapters.load_adapter(model_name, dataset, seed, root)`` (``root`` defaults to the
+    shipped ``data/adapters``); a path is loaded as it is.
+    """
+    from kvp.adapters import ADAPTER_DIR, load_adapter
+    from kvp.packet import PacketWrapper
+
+    if spec == "untrained":
+        return PacketWrapper.init_from_embeddings(model, 8, 8, seed, model_name=model_name)
+    if spec == "shipped" or spec.startswith("shipped:"):
+        name = spec.partition(":")[2] or dataset
+        return load_adapter(model_name, name, seed, Path(root) if root else ADAPTER_DIR)
+    path = Path(spec)
+    path = path / "wrapper.safetensors" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"ADAPTER={spec!r} is neither a known keyword nor an existing file; use "
+                          f"{WRAPPER_SPECS}")
+    return PacketWrapper.load(path, model_name=model_name)
+
+
+def dataset_options(dataset: str, n_docs: int, context_tokens: int, chunk_chars: int) -> dict:
+    """``load_dataset`` keyword arguments from the notebooks' dataset parameters.
+
+    Biography takes ``N_DOCS`` documents per sample; NIAH a haystack of ``CONTEXT_TOKENS``
+    tokens cut into chunks of at most ``CHUNK_CHARS`` characters; other datasets take neither.
+    """
+    if dataset == "biography":
+        return {"num_docs": n_docs}
+    if dataset == "niah":
+        return {"context_tokens": context_tokens, "chunk_chars": chunk_chars}
+    return {}
+
+
+def method_grid(methods: Sequence[str], recompute_ratios: Sequence[float],
+                epic_tokens: Sequence[int]) -> list:
+    """One ``kvp.methods`` instance per (method, setting) of a notebook's method parameters.
+
+    Methods with a recompute ``ratio`` (cache_blend, a3, rand_recompute) get one instance per
+    value of ``recompute_ratios``, ``epic`` one per value of ``epic_tokens``, the others their
+    defaults. E.g. ``method_grid(["kv_packet", "epic"], [0.3], [16, 32])`` has three entries.
+    """
+    from kvp.methods import get_method
+
+    grid = []
+    for name in methods:
+        if name in ("cache_blend", "a3", "rand_recompute"):
+            grid += [get_method(name, ratio=r) for r in recompute_ratios]
+        elif name == "epic":
+            grid += [get_method(name, n_tokens=n) for n in epic_tokens]
+        else:
+            grid.append(get_method(name))
+    return grid
+
+
 # ------------------------------------------------------------------------------------ profiles
 @dataclass(frozen=True)
 class NotebookPlan:

@@ -7,11 +7,14 @@ alike and is rebuilt from the tidy results files alone.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 
@@ -148,3 +151,379 @@ def plot_method_lines(
     ax.set_yscale("log" if logy else "linear")
     ax.legend(frameon=False)
     return ax
+
+
+# ------------------------------------------------------------------------ the project's figures
+# Runs whose model / dataset / seed equal these write the stable figure names (figures/fig3_...);
+# others add their values as suffixes, so several runs can share one FIG_DIR.
+PRIMARY_RUN = {"model": "smollm2-135m", "dataset": "biography", "seed": 42}
+
+
+def figure_name(base: str, **parts: object) -> str:
+    """``base`` plus ``_<value>`` for every part that differs from :data:`PRIMARY_RUN`.
+
+    ``figure_name("fig3_main_results", model="smollm2-135m", dataset="niah")`` is
+    ``"fig3_main_results_niah"``; the primary run (smollm2-135m, biography, seed 42) gets ``base``.
+    Values are made file-name safe (``meta-llama/Llama-3.1-8B`` → ``meta-llama-Llama-3.1-8B``).
+    """
+    unknown = sorted(set(parts) - set(PRIMARY_RUN))
+    if unknown:
+        raise ValueError(f"figure_name parts {unknown} are unknown; allowed: {sorted(PRIMARY_RUN)}")
+    suffix = [re.sub(r"[^A-Za-z0-9.-]+", "-", str(v)) for k, v in parts.items()
+              if v != PRIMARY_RUN[k]]
+    return "_".join([base, *suffix])
+
+
+def setting_label(method: str, setting: str = "") -> str:
+    """Display name of a (method, setting) pair, e.g. ``CacheBlend r=0.3`` or ``EPIC 16 tok``."""
+    if not isinstance(setting, str) or not setting:
+        return method_label(method)
+    values = dict(part.split("=", 1) for part in setting.split(",") if "=" in part)
+    if "ratio" in values:
+        short = f"r={values['ratio']}"
+    elif "n_tokens" in values:
+        short = f"{values['n_tokens']} tok"
+    elif method == "sam_kv":
+        short = f"{values.get('initial', '?')}/{values.get('local', '?')}/{values.get('block', '?')}"
+    else:
+        short = setting
+    return f"{method_label(method)} {short}"
+
+
+def _ordered_settings(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows in canonical method order, settings in their order of appearance."""
+    order = {m: i for i, m in enumerate(method_order(df["method"]))}
+    return df.assign(_o=df["method"].map(order)).sort_values("_o", kind="stable").drop(columns="_o")
+
+
+def plot_setting_bars(df: pd.DataFrame, metric: str, ax: plt.Axes, *, log: bool = False,
+                      ci: tuple[str, str] | None = None, hatch: str | None = None) -> plt.Axes:
+    """One bar per (method, setting) row of ``df``, coloured by method, optional CI whiskers."""
+    rows = _ordered_settings(df).reset_index(drop=True)
+    colors = [method_style(m).color for m in rows["method"]]
+    values = rows[metric].astype(float)
+    yerr = None
+    if ci is not None:
+        low, high = rows[ci[0]].astype(float), rows[ci[1]].astype(float)
+        yerr = [(values - low).clip(lower=0).fillna(0), (high - values).clip(lower=0).fillna(0)]
+    ax.bar(range(len(rows)), values.where(values > 0, 0 if not log else float("nan")),
+           color=colors, yerr=yerr, capsize=2.5, hatch=hatch, edgecolor="white" if hatch else None)
+    labels = [setting_label(m, s) for m, s in zip(rows["method"], rows["setting"].fillna(""))]
+    ax.set_xticks(range(len(rows)), labels, rotation=55, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    if log:
+        ax.set_yscale("log")
+    return ax
+
+
+def _plain_log_labels(ax: plt.Axes, axis: str = "y") -> None:
+    """Label log axes (``"x"``, ``"y"`` or ``"both"``) with plain numbers (``30``, ``200``)."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(value: float, _) -> str:  # label the 2s and 5s between the powers of ten
+        mantissa = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0
+        return f"{value:g}" if round(mantissa) in (2, 5) else ""
+
+    for which in (("x", "y") if axis == "both" else (axis,)):
+        target = ax.xaxis if which == "x" else ax.yaxis
+        target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        target.set_minor_formatter(FuncFormatter(minor))
+
+
+def plot_main_results(summary: pd.DataFrame, reference: pd.DataFrame | None = None,
+                      title: str = "") -> plt.Figure:
+    """Figure 3: F1 (with 95% CI), FLOPs (log) and TTFT (log) per method and setting.
+
+    ``summary`` has one row per (method, setting) with ``f1_micro, ci_low, ci_high, flops,
+    ttft_ms`` (``kvp.evaluate.summarize``). ``reference`` (optional, the paper's rows for the same
+    dataset: ``method, setting, f1, flops, ttft_ms``) is drawn in a separate, hatched second row
+    titled as the paper's, never in the panels of this run.
+    """
+    n_rows = 1 if reference is None or reference.empty else 2
+    width = max(12.0, 0.42 * len(summary) * 3)
+    fig, axes = plt.subplots(n_rows, 3, figsize=(width, 4.6 * n_rows), squeeze=False)
+    flops = summary.assign(flops=summary["flops"].where(summary["flops"] > 0))
+    plot_setting_bars(summary, "f1_micro", axes[0, 0], ci=("ci_low", "ci_high"))
+    plot_setting_bars(flops, "flops", axes[0, 1], log=True)
+    plot_setting_bars(summary, "ttft_ms", axes[0, 2], log=True)
+    for ax, label in zip(axes[0], ("token F1 (micro, 95% CI)", "FLOPs at query time", "TTFT (ms)")):
+        ax.set_ylabel(label)
+    _plain_log_labels(axes[0, 2])
+    axes[0, 0].set_ylim(0, 1.05)
+    n = int(summary["n"].max()) if "n" in summary else 0
+    axes[0, 1].set_title(f"this run: {title} (N={n})" if title else f"this run (N={n})", fontsize=11)
+    if n_rows == 2:
+        ref = reference.assign(flops=reference["flops"].where(reference["flops"] > 0))
+        plot_setting_bars(reference, "f1", axes[1, 0], hatch="//")
+        plot_setting_bars(ref, "flops", axes[1, 1], log=True, hatch="//")
+        plot_setting_bars(reference, "ttft_ms", axes[1, 2], log=True, hatch="//")
+        for ax, label in zip(axes[1], ("paper: F1", "paper: FLOPs", "paper: TTFT (ms)")):
+            ax.set_ylabel(label)
+        _plain_log_labels(axes[1, 2])
+        axes[1, 0].set_ylim(0, 1.05)
+        axes[1, 1].set_title("reference: the paper's numbers (Llama-3.1-8B-Instruct, one GPU, "
+                             "N=100), not this run", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention_shift(deviation: pd.DataFrame, mass: pd.DataFrame, spread: pd.DataFrame,
+                         f1: pd.DataFrame) -> plt.Figure:
+    """Notebook 01: why concatenating independently encoded caches fails.
+
+    Panels: (a) cosine similarity and (b) relative L2 distance of independently encoded +
+    re-rotated document keys/values to the joint encoding, per layer (``kvp.attention.kv_deviation``
+    rows, mean over samples, documents 2..N: the first document sees the same context both ways);
+    (c) attention mass of the prompt on each document's first token (the sink) and (d) on the
+    documents in total, per method (KV Packet's header dotted: its sink moves there) (``attention_mass`` rows with a ``sample_id`` column, mean
+    over samples); (e) normalised entropy of the prompt's
+    attention over documents (``document_spread``); (f) F1 per method (``summarize`` rows).
+    """
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.2))
+    docs = deviation[(deviation["segment"] == "document") & (deviation["document"] > 1)]
+    for kind, style in (("key", "-"), ("value", "--")):
+        part = docs[docs["kind"] == kind].groupby("layer")[["cosine", "rel_l2"]].mean()
+        axes[0, 0].plot(part.index, part["cosine"], style, color="#08519c", label=kind + "s")
+        axes[0, 1].plot(part.index, part["rel_l2"], style, color="#e6550d", label=kind + "s")
+    axes[0, 0].set(xlabel="layer", ylabel="cosine(independent, joint)",
+                   title="(a) KV similarity, documents 2..N")
+    axes[0, 1].set(xlabel="layer", ylabel="‖independent − joint‖ / ‖joint‖",
+                   title="(b) relative KV distance")
+    by_sample = mass.groupby(["method", "layer", "segment", "sample_id"])["mass"].sum()
+    per_layer = by_sample.groupby(["method", "layer", "segment"]).mean().reset_index()
+    n_docs = int(mass["document"].max())
+    for method in method_order(per_layer["method"]):
+        style = method_style(method)
+        part = per_layer[per_layer["method"] == method]
+        first = part[part["segment"] == "first"].set_index("layer")["mass"]
+        on_docs = part[part["segment"].isin(["header", "first", "body", "trailer"])]
+        on_docs = on_docs.groupby("layer")["mass"].sum()
+        axes[0, 2].plot(first.index, first, color=style.color, label=style.label)
+        header = part[part["segment"] == "header"].set_index("layer")["mass"]
+        if not header.empty:
+            axes[0, 2].plot(header.index, header, color=style.color, ls=":",
+                            label=f"{style.label}: header tokens")
+        axes[1, 0].plot(on_docs.index, on_docs, color=style.color, label=style.label)
+        ent = spread[spread["method"] == method].groupby("layer")["entropy"].mean()
+        axes[1, 1].plot(ent.index, ent, color=style.color, label=style.label)
+    axes[0, 2].set(xlabel="layer", ylabel="attention mass",
+                   title=f"(c) prompt → first token of the {n_docs} documents (sinks)")
+    axes[1, 0].set(xlabel="layer", ylabel="attention mass", title="(d) prompt → all documents")
+    axes[1, 1].set(xlabel="layer", ylabel="normalised entropy (1 = even)",
+                   title="(e) spread of attention over documents")
+    plot_setting_bars(f1, "f1_micro", axes[1, 2], ci=("ci_low", "ci_high"))
+    axes[1, 2].set(ylim=(0, 1.05), ylabel="token F1 (micro, 95% CI)",
+                   title=f"(f) answer quality (N={int(f1['n'].max())})")
+    for ax in (axes[0, 0], axes[0, 1], axes[0, 2]):
+        ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _log_attention(matrix, floor: float = 1e-4):
+    """log10 of an attention matrix (tensor or array), clamped at ``floor``, NaN kept."""
+    values = np.asarray(matrix, dtype=float)
+    out = np.log10(np.clip(values, floor, None))
+    out[np.isnan(values)] = np.nan
+    return out
+
+
+def plot_attention_equivalence(block, cached, full, layer: int) -> plt.Figure:
+    """Figure 2: the block-mask forward equals encode-alone + re-rotate; full attention differs.
+
+    ``block``: ``kvp.attention.joint_attention(ctx, "kv_packet")`` (the training-time forward);
+    ``cached``: ``kvp.attention.capture(ctx, get_method("kv_packet"))`` (packets encoded alone,
+    concatenated, keys re-rotated, prompt prefilled: only the prompt rows exist, the rest NaN);
+    ``full``: ``joint_attention(ctx, "full_recompute")``. All of one sample. Top row: the maps of
+    ``layer`` (mean over heads, log scale); bottom row: the prompt's rows of the first two and
+    their absolute difference.
+    """
+    from kvp.widgets import _boundaries, plain_view
+
+    mean = {name: amap.probs[layer].float().mean(0) for name, amap in
+            (("block", block), ("cached", cached), ("full", full))}  # (N, N) each
+    start, n = block.layout.final[0], block.layout.length
+    diff = (mean["block"][start:] - mean["cached"][start:]).abs()  # (T, N)
+    shared_block, _ = plain_view(block, mean["block"])
+    gap = (shared_block[start - (n - full.layout.length):] - mean["full"][full.layout.final[0]:])
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9.6), gridspec_kw={"height_ratios": [3, 1.25]},
+                             layout="constrained")
+    panels = [(full, mean["full"], "full attention, joint prompt\n(what the cache should match)"),
+              (block, mean["block"], "block-mask forward (training)\n[preamble][H doc T]…[prompt]"),
+              (cached, mean["cached"], "packets encoded alone + re-rotated\n(query time: prompt rows)")]
+    for ax, (amap, matrix, title) in zip(axes[0], panels):
+        shown = ax.imshow(_log_attention(matrix), cmap=_with_bad("magma"), vmin=-4, vmax=0,
+                          interpolation="nearest")
+        _boundaries(ax, amap.layout, amap.layout.length)
+        ax.set_title(title, fontsize=10)
+        ax.grid(False)
+    axes[0, 2].text(n / 2, start / 2, "context rows: computed offline,\neach packet encoded alone",
+                    ha="center", va="center", fontsize=10, color="#525252")
+    fig.colorbar(shown, ax=axes[0, 2], fraction=0.05, pad=0.02, label="log10 attention")
+    extent = (-0.5, n - 0.5, n - 0.5, start - 0.5)
+    strips = [(mean["block"][start:], "block mask: prompt rows", "magma", (-4, 0)),
+              (mean["cached"][start:], "encode alone + re-rotate: prompt rows", "magma", (-4, 0)),
+              (diff, f"|difference|: max {float(diff.max()):.1e} (identical up to float error)",
+               "viridis", (-9, -1))]
+    for ax, (matrix, title, cmap, (lo, hi)) in zip(axes[1], strips):
+        shown = ax.imshow(_log_attention(matrix, 10.0 ** lo), cmap=_with_bad(cmap), vmin=lo,
+                          vmax=hi, extent=extent, aspect="auto", interpolation="nearest")
+        _boundaries(ax, block.layout, n)
+        ax.set_ylim(n - 0.5, start - 0.5)
+        ax.set_yticks([])
+        ax.set_title(title, fontsize=10)
+        ax.grid(False)
+    fig.colorbar(shown, ax=axes[1, 2], fraction=0.05, pad=0.02, label="log10 |difference|")
+    axes[0, 0].set_xlabel(f"differs from the block mask: ½·Σ|Δ| per prompt row = "
+                          f"{float(gap.abs().sum(-1).mean()) / 2:.2f} (shared tokens)", fontsize=9)
+    fig.suptitle(f"Attention of one sample, layer {layer}, mean over heads", fontsize=12)
+    return fig
+
+
+def _with_bad(name: str):
+    import matplotlib
+
+    return matplotlib.colormaps[name].with_extremes(bad="#d9d9d9")
+
+
+SEGMENT_COLORS = {"preamble": "#636363", "header": "#31a354", "document": "#08519c",
+                  "trailer": "#e6550d"}
+
+
+def plot_segment_scores(scores: pd.DataFrame) -> plt.Figure:
+    """Figure 5: pre-softmax scores from the prompt to each context segment, per layer.
+
+    ``scores``: ``kvp.attention.segment_scores`` rows (method, layer, segment, position_bin,
+    score), averaged over samples. One heat map per method (layers × [preamble | header |
+    document, resampled | trailer], one colour scale), then the mean score per segment against
+    the layer (solid: first method, dashed: the others).
+    """
+    methods = method_order(scores["method"])
+    widths = scores.groupby("segment")["position_bin"].max() + 1
+    segments = [s for s in SEGMENT_COLORS if s in widths.index]
+    offsets, x0 = {}, 0
+    for seg in segments:
+        offsets[seg] = x0
+        x0 += int(widths[seg]) + 2
+    n_layers = int(scores["layer"].max()) + 1
+    lo, hi = np.nanpercentile(scores["score"], [2, 98])
+    fig, axes = plt.subplots(1, len(methods) + 1, figsize=(5.4 * (len(methods) + 1), 5.2),
+                             gridspec_kw={"width_ratios": [1.3] * len(methods) + [1]},
+                             layout="constrained")
+    for ax, method in zip(axes, methods):
+        grid = np.full((n_layers, x0 - 2), np.nan)
+        part = scores[scores["method"] == method]
+        cols = part["segment"].map(offsets) + part["position_bin"]
+        grid[part["layer"].to_numpy(), cols.to_numpy()] = part["score"].to_numpy()
+        shown = ax.imshow(grid, aspect="auto", cmap=_with_bad("viridis"), vmin=lo, vmax=hi,
+                          interpolation="nearest", origin="lower")
+        ax.grid(False)
+        ax.set_xticks([offsets[s] + widths[s] / 2 - 0.5 for s in segments], segments,
+                      rotation=30, fontsize=8)
+        ax.set(ylabel="layer", title=method_label(method))
+    fig.colorbar(shown, ax=axes[len(methods) - 1], fraction=0.06, pad=0.02,
+                 label="q·k/√d (mean of heads, prompt tokens, samples)")
+    means = scores.groupby(["method", "segment", "layer"])["score"].mean()
+    for method in methods:
+        for seg in segments:
+            if (method, seg) in means.index.droplevel(2):
+                line = means.loc[(method, seg)]
+                axes[-1].plot(line.index, line, color=SEGMENT_COLORS[seg],
+                              ls="-" if method == methods[-1] else "--",
+                              label=f"{seg} · {method_label(method)}")
+    axes[-1].set(xlabel="layer", ylabel="mean q·k/√d", title="mean per segment")
+    axes[-1].legend(frameon=False, fontsize=7)
+    return fig
+
+
+VARIANT_STYLE = {"packet": ("per packet", "#08519c", "o", "-"),
+                 "packet_protected": ("per packet, header/trailer kept", "#31a354", "s", "-"),
+                 "joint": ("one cache over all documents", "#e6550d", "^", "--")}
+
+
+def plot_compression(sweep: pd.DataFrame, baselines: pd.DataFrame | None = None) -> plt.Figure:
+    """Figure 4: F1 against the fraction of KV removed, one panel per press.
+
+    ``sweep`` rows: press, ratio, variant (``kvp.compress.VARIANTS``), f1_micro and optionally
+    ci_low/ci_high. ``baselines`` (``summarize`` rows, e.g. uncompressed KV Packet and full
+    recompute) are drawn as dashed horizontal lines in every panel.
+    """
+    presses = list(dict.fromkeys(sweep["press"]))
+    ncols = min(3, len(presses))
+    nrows = -(-len(presses) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False,
+                             sharey=True)
+    for ax, press in zip(axes.flat, presses):
+        part = sweep[sweep["press"] == press]
+        for variant, (label, color, marker, ls) in VARIANT_STYLE.items():
+            line = part[part["variant"] == variant].sort_values("ratio")
+            if line.empty:
+                continue
+            ax.plot(line["ratio"], line["f1_micro"], color=color, marker=marker, ls=ls, label=label)
+            if {"ci_low", "ci_high"} <= set(line.columns):
+                ax.fill_between(line["ratio"], line["ci_low"], line["ci_high"], color=color,
+                                alpha=0.12)
+        for _, row in (baselines if baselines is not None else pd.DataFrame()).iterrows():
+            style = method_style(row["method"])
+            ax.axhline(row["f1_micro"], color=style.color, ls=":", lw=1.2,
+                       label=f"{setting_label(row['method'], row.get('setting', ''))}, uncompressed")
+        ax.set(title=press, xlabel="fraction of KV removed", ylim=(0, 1.05))
+    for ax in axes[:, 0]:
+        ax.set_ylabel("token F1 (micro)")
+    for ax in list(axes.flat)[len(presses):]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), frameon=False,
+               bbox_to_anchor=(0.5, -0.02 - 0.02 * (len(labels) > 3)))
+    fig.tight_layout(rect=(0, 0.08 if len(labels) <= 3 else 0.12, 1, 1))
+    return fig
+
+
+def plot_latency_grid(bench: pd.DataFrame) -> plt.Figure:
+    """TTFT vs context length, TTFT vs number of documents and FLOPs vs context length.
+
+    ``bench``: rows of ``kvp.bench`` CSVs (status ``ok``), one figure row per (device, model);
+    one line per method setting (optimised variants such as ``fast`` dotted), log-log axes with
+    the measured values as ticks; one legend for the figure.
+    """
+    from matplotlib.ticker import NullLocator
+
+    ok = bench[bench["status"] == "ok"].assign(setting=lambda d: d["setting"].fillna(""))
+    ok = ok.assign(line=[setting_label(m, s.split(",check_layer")[0]) + ("" if v == "plain" else f" [{v}]")
+                         for m, s, v in zip(ok["method"], ok["setting"], ok["variant"])])
+    sources = list(dict.fromkeys(zip(ok["device"], ok["model"])))
+    fig, axes = plt.subplots(len(sources), 3, figsize=(15, 3.9 * len(sources)), squeeze=False,
+                             layout="constrained")
+    handles: dict[str, object] = {}
+    for row, (device, model) in zip(axes, sources):
+        g = ok[(ok["device"] == device) & (ok["model"] == model)]
+        n_docs = int(g["n_docs"].mode().iloc[0])
+        at_docs = g[g["n_docs"] == n_docs]
+        others = g[g["n_docs"] != n_docs]
+        context = int(others["context_tokens"].mode().iloc[0] if len(others)
+                      else g["context_tokens"].max())
+        panels = ((row[0], at_docs, "context_tokens", "ttft_ms"),
+                  (row[1], g[g["context_tokens"] == context], "n_docs", "ttft_ms"),
+                  (row[2], at_docs[at_docs["variant"] == "plain"], "context_tokens", "flops"))
+        for ax, part, x, y in panels:
+            for label, line in part.groupby("line", sort=False):
+                line = line.sort_values(x)
+                style = method_style(line["method"].iloc[0])
+                variant = line["variant"].iloc[0]
+                ls = {"plain": ":" if "ratio=0.5" in line["setting"].iloc[0] else "-",
+                      "fast": ":"}.get(variant, "-.")
+                (handles[label],) = ax.plot(line[x], line[y].where(line[y] > 0), color=style.color,
+                                            marker=style.marker, ms=4, ls=ls, label=label)
+            ax.set(xscale="log", yscale="log")
+            ax.set_xticks(sorted(part[x].unique()))
+            ax.xaxis.set_minor_locator(NullLocator())
+            _plain_log_labels(ax, "both")
+        row[0].set(xlabel="context tokens", ylabel="TTFT (ms, median)",
+                   title=f"{model} · {device}\n{n_docs} documents")
+        row[1].set(xlabel="documents", ylabel="TTFT (ms, median)",
+                   title=f"{model} · {device}\n{context} context tokens")
+        row[2].set(xlabel="context tokens", ylabel="query-time FLOPs (analytic)",
+                   title=f"{model}\n{n_docs} documents")
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=5,
+               frameon=False, fontsize=8)
+    return fig

@@ -1,0 +1,77 @@
+"""Notebook smoke tier: every notebook runs through papermill with its smallest parameters.
+
+Each run writes into a temporary directory (``OUT_DIR`` and ``FIG_DIR``), never into results/ or
+figures/, and must leave the tidy results files and its figures there. Wrappers are untrained
+(``ADAPTER="untrained"``) so the tier does not depend on the shipped adapters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvp.pipeline import NOTEBOOKS
+from kvp.results import CONFIG_FILE, METRICS_FILE, RESULTS_FILE, read_run_results
+
+pytestmark = pytest.mark.notebook
+papermill = pytest.importorskip("papermill")
+nbformat = pytest.importorskip("nbformat")
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_EVAL = {"N_DOCS": 2, "ADAPTER": "untrained", "MAX_NEW_TOKENS": 8}
+# notebook -> (smoke parameters, figures it must write)
+SMOKE: dict[str, tuple[dict, list[str]]] = {
+    "01_attention_shift": ({**SMALL_EVAL, "N_SAMPLES": 1, "N_F1": 1}, ["attention_shift"]),
+    "02_train_adapters": ({"STEPS": 1, "N_TRAIN": 2, "BATCH_SIZE": 2, "N_DOCS": [2],
+                           "MAX_NEW_TOKENS": 4, "N_EVAL": 1}, []),
+    "03_evaluate": ({**SMALL_EVAL, "N_SAMPLES": 2, "RECOMPUTE_RATIOS": [0.5], "EPIC_TOKENS": [8],
+                     "METHODS": ["no_cache", "full_recompute", "no_recompute", "kv_packet",
+                                 "cache_blend", "epic"]}, ["fig3_main_results"]),
+    "04_attention_maps": ({"N_SAMPLES": 1, "N_DOCS": 2, "ADAPTER": "untrained", "VIEWER_SAMPLES": 1},
+                          ["fig2_attention_maps", "fig5_segment_scores"]),
+    "05_compression": ({**SMALL_EVAL, "N_SAMPLES": 1, "PRESSES": ["knorm", "streaming_llm"],
+                        "COMPRESSION_RATIOS": [0.5]}, ["fig4_compression"]),
+    "06_latency": ({"CONTEXT_TOKENS": [128, 256], "N_DOCS": [2], "N_REPEATS": 1,
+                    "METHODS": ["full_recompute", "no_recompute", "kv_packet", "epic"]}, ["latency"]),
+}
+
+
+def execute(name: str, params: dict, tmp_path: Path) -> tuple[Path, Path]:
+    """Run notebook ``name`` with ``params`` into ``tmp_path``; return (OUT_DIR, FIG_DIR)."""
+    out_dir, fig_dir = tmp_path / "out", tmp_path / "figures"
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
+        parameters={**params, "OUT_DIR": str(out_dir), "FIG_DIR": str(fig_dir)},
+        kernel_name="python3", cwd=str(ROOT), progress_bar=False, log_output=False)
+    return out_dir, fig_dir
+
+
+def test_every_planned_notebook_has_a_smoke_run():
+    assert set(SMOKE) == set(NOTEBOOKS)
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE))
+def test_notebook_smoke(name, tmp_path):
+    params, figures = SMOKE[name]
+    out_dir, fig_dir = execute(name, params, tmp_path)
+    for file in (CONFIG_FILE, METRICS_FILE, RESULTS_FILE):
+        assert (out_dir / file).is_file(), f"{name} did not write {file}"
+    results = read_run_results(out_dir)
+    assert len(results.table) > 0 and results.config["SEED"] == 42
+    for figure in figures:
+        for suffix in (".png", ".pdf"):
+            assert (fig_dir / f"{figure}{suffix}").stat().st_size > 1000, f"{figure}{suffix} missing"
+
+
+def test_parameter_of_the_wrong_type_fails_in_the_check_cell(tmp_path):
+    with pytest.raises(papermill.PapermillExecutionError) as info:
+        execute("03_evaluate", {"N_SAMPLES": "2"}, tmp_path)
+    error = info.value
+    assert error.ename == "TypeError"
+    assert "N_SAMPLES='2' has type str" in error.evalue and "expected" in error.evalue
+    executed = nbformat.read(tmp_path / "03_evaluate.ipynb", as_version=4)
+    code = [c for c in executed.cells if c.cell_type == "code"]
+    failed = [i for i, c in enumerate(code) if any(o.get("output_type") == "error" for o in c.outputs)]
+    assert len(failed) == 1 and "check_params" in code[failed[0]].source
+    assert not (tmp_path / "out").exists()
