@@ -29,8 +29,8 @@ RECIPES: dict[tuple[str, str], TrainConfig] = {
         model="smollm2-135m", dataset="biography", n_samples=96, num_docs=(2, 3, 5, 7),
         epochs=4, lr=2e-3, batch_size=16, max_new_tokens=16, checkpoint_every=4),
     ("smollm2-135m", "niah"): TrainConfig(
-        model="smollm2-135m", dataset="niah", n_samples=48, dataset_options=NIAH_TRAIN_OPTIONS,
-        epochs=3, lr=2e-3, batch_size=8, max_new_tokens=16, checkpoint_every=3),
+        model="smollm2-135m", dataset="niah", n_samples=24, dataset_options=NIAH_TRAIN_OPTIONS,
+        epochs=2, lr=3e-3, batch_size=8, max_new_tokens=16, checkpoint_every=2),
     ("smollm2-135m", "mixture"): TrainConfig(
         model="smollm2-135m", dataset="mixture", n_samples=64,
         dataset_options={"components": {"biography": 32, "niah": 32},
