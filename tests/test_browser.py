@@ -1,9 +1,10 @@
 """The attention-map viewer in a real JupyterLab, driven by headless Chromium (marker ``browser``).
 
-JupyterLab is started from the project's own environment on 127.0.0.1 with a random token; the
-demo notebook (tests/browser/viewer_demo.ipynb, copied to results/browser/) is opened and run; the
-layer slider is moved and the method switched, and each must change the rendered image without
-any error output. Screenshots go to results/browser/; with KVP_UPDATE_FIGURES=1 the last one is
+JupyterLab is started from the project's own environment on 127.0.0.1 with a random token;
+notebook 04 (notebooks/04_attention_maps.ipynb, whose last cell hosts the viewer) is prepared by
+papermill with its smallest parameters into results/browser/work/, opened and run; the layer
+slider is moved and the method switched, and each must change the rendered image without any
+error output. Screenshots go to results/browser/; with KVP_UPDATE_FIGURES=1 the last one is
 also copied to figures/viewer.png.
 """
 
@@ -20,6 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import papermill
 import pytest
 
 pytestmark = pytest.mark.browser
@@ -27,7 +29,9 @@ pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 OUT = ROOT / "results" / "browser"
-NOTEBOOK = ROOT / "tests" / "browser" / "viewer_demo.ipynb"
+NOTEBOOK = ROOT / "notebooks" / "04_attention_maps.ipynb"
+# The smallest run of notebook 04: one sample for Figures 2 and 5, two in the viewer.
+SMOKE_PARAMS = {"N_SAMPLES": 1, "VIEWER_SAMPLES": 2, "ADAPTER": "untrained"}
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWER = ".kvp-attention-viewer"
@@ -48,11 +52,13 @@ def lab():
     jupyter = Path(sys.executable).parent / "jupyter"
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
     OUT.mkdir(parents=True, exist_ok=True)
+    # A fresh workspace: JupyterLab would otherwise reopen the tabs of an earlier session.
+    workspaces = tempfile.mkdtemp(prefix="kvp-lab-workspaces-")
     log = open(OUT / "jupyterlab.log", "w")
     proc = subprocess.Popen(
         [str(jupyter), "lab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={ROOT}",
-         "--allow-root",
+         "--allow-root", f"--LabApp.workspaces_dir={workspaces}",
          "--ServerApp.port_retries=0", "--LabApp.news_url=", "--LabApp.check_for_updates_class="
          "jupyterlab.NeverCheckForUpdate"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -75,6 +81,7 @@ def lab():
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        shutil.rmtree(workspaces, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +158,9 @@ def drive_viewer(lab, page) -> None:
     base, token = lab
     work = OUT / "work"
     work.mkdir(parents=True, exist_ok=True)
-    shutil.copy(NOTEBOOK, work / NOTEBOOK.name)
+    papermill.execute_notebook(str(NOTEBOOK), str(work / NOTEBOOK.name), prepare_only=True,
+                               parameters={**SMOKE_PARAMS, "OUT_DIR": str(work / "out"),
+                                           "FIG_DIR": str(work / "figures")})
     rel = (work / NOTEBOOK.name).relative_to(ROOT).as_posix()
     page.goto(f"{base}/lab/tree/{rel}?token={token}")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
