@@ -135,8 +135,11 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int, seeds: 
 
 def append_results(table: pd.DataFrame, path: Path) -> None:
     """Append rows to the results CSV (written whole through a temporary file)."""
-    old = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=RESULT_COLUMNS)
-    merged = pd.concat([old, table], ignore_index=True).drop_duplicates(
+    merged = table
+    if path.exists():
+        old = pd.read_csv(path, keep_default_na=False)
+        merged = pd.concat([old, table], ignore_index=True)
+    merged = merged.drop_duplicates(
         subset=["model", "dataset", "split_shift", "method", "seed", "wrapper"], keep="last")
     tmp = path.with_suffix(".tmp")
     merged.to_csv(tmp, index=False, float_format="%.4f")
