@@ -249,7 +249,7 @@ def plot_main_results(summary: pd.DataFrame, reference: pd.DataFrame | None = No
     for ax, label in zip(axes[0], ("token F1 (micro, 95% CI)", "FLOPs at query time", "TTFT (ms)")):
         ax.set_ylabel(label)
     _plain_log_labels(axes[0, 2])
-    axes[0, 0].set_ylim(0, 1.05)
+    axes[0, 0].set_ylim(0, min(1.05, max(0.3, 1.15 * float(summary["ci_high"].max()))))
     n = int(summary["n"].max()) if "n" in summary else 0
     axes[0, 1].set_title(f"this run: {title} (N={n})" if title else f"this run (N={n})", fontsize=11)
     if n_rows == 2:
