@@ -140,6 +140,12 @@ def run_all_cells(page, tries: int = 5) -> None:
     raise AssertionError("JupyterLab did not start running the notebook's cells")
 
 
+def cells_lost(page) -> bool:
+    """True when no cell runs or waits although some code cell was never executed."""
+    texts = page.locator(".jp-CodeCell .jp-InputPrompt").all_inner_texts()
+    return not any("*" in t for t in texts) and any(t.strip() in ("[ ]:", "[ ]") for t in texts)
+
+
 def shot(page, name: str) -> Path:
     path = OUT / name
     page.locator(VIEWER).screenshot(path=str(path))
@@ -169,10 +175,12 @@ def drive_viewer(lab, page) -> None:
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
 
     run_all_cells(page)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while page.locator(f"{VIEWER} img").count() == 0:
-        assert time.monotonic() < deadline, "the viewer did not appear within 300 s"
+        assert time.monotonic() < deadline, "the viewer did not appear within 600 s"
         accept_kernel_dialog(page)
+        if cells_lost(page):  # a kernel switch dropped the queued cells: run them again
+            run_all_cells(page)
         page.wait_for_timeout(1000)
     first = wait_for_new_image(page, "")
     assert_no_errors(page)
