@@ -452,7 +452,11 @@ def plot_compression(sweep: pd.DataFrame, baselines: pd.DataFrame | None = None)
     ncols = min(3, len(presses))
     nrows = -(-len(presses) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False,
-                             sharey=True)
+                             sharey=True, layout="constrained")
+    highs = [sweep.get("ci_high", sweep["f1_micro"]).max(), sweep["f1_micro"].max()]
+    if baselines is not None:
+        highs.append(baselines["f1_micro"].max())
+    top = min(1.05, max(0.3, 1.15 * float(max(highs))))
     for ax, press in zip(axes.flat, presses):
         part = sweep[sweep["press"] == press]
         for variant, (label, color, marker, ls) in VARIANT_STYLE.items():
@@ -462,20 +466,19 @@ def plot_compression(sweep: pd.DataFrame, baselines: pd.DataFrame | None = None)
             ax.plot(line["ratio"], line["f1_micro"], color=color, marker=marker, ls=ls, label=label)
             if {"ci_low", "ci_high"} <= set(line.columns):
                 ax.fill_between(line["ratio"], line["ci_low"], line["ci_high"], color=color,
-                                alpha=0.12)
+                                alpha=0.07)
         for _, row in (baselines if baselines is not None else pd.DataFrame()).iterrows():
             style = method_style(row["method"])
             ax.axhline(row["f1_micro"], color=style.color, ls=":", lw=1.2,
                        label=f"{setting_label(row['method'], row.get('setting', ''))}, uncompressed")
-        ax.set(title=press, xlabel="fraction of KV removed", ylim=(0, 1.05))
+        ax.set(title=press, xlabel="fraction of KV removed", ylim=(0, top))
+        ax.set_xticks(sorted(part["ratio"].unique()))
     for ax in axes[:, 0]:
         ax.set_ylabel("token F1 (micro)")
     for ax in list(axes.flat)[len(presses):]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), frameon=False,
-               bbox_to_anchor=(0.5, -0.02 - 0.02 * (len(labels) > 3)))
-    fig.tight_layout(rect=(0, 0.08 if len(labels) <= 3 else 0.12, 1, 1))
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3), frameon=False)
     return fig
 
 
