@@ -32,7 +32,7 @@ from kvp.blockmask import Layout, block_forward, make_layout
 from kvp.cache import encode
 from kvp.methods import Method, QueryContext, get_method
 from kvp.packet import assemble
-from kvp.recompute import _qkv
+from kvp.recompute import project_qkv
 from kvp.rope import apply_rotation
 
 # Methods whose attention is one joint forward: name -> uses the block mask, uses the wrapper.
@@ -104,7 +104,7 @@ def capture_qk(model) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             cos, sin = kwargs["position_embeddings"]  # (1, S, D_rot) each
             with torch.no_grad():
-                q, k, _ = _qkv(module, x[0], x.shape[1])  # (H, S, D), (H_kv, S, D)
+                q, k, _ = project_qkv(module, x[0], x.shape[1])  # (H, S, D), (H_kv, S, D)
                 found[layer] = (apply_rotation(q.float(), cos[0].float(), sin[0].float()),
                                 apply_rotation(k.float(), cos[0].float(), sin[0].float()))
         return hook

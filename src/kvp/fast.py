@@ -29,7 +29,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from kvp.cache import ChunkKV, check_cache_supported, chunk_offsets
 from kvp.packet import Packet
-from kvp.recompute import _qkv
+from kvp.recompute import project_qkv
 from kvp.rope import apply_rotation, rotary_module, rotate_half, rotation
 
 
@@ -130,7 +130,7 @@ def prompt_step(model, buf: KVBuffer, n_cached: int, input_ids: torch.Tensor,
     bias = causal_lower_right(seq, end)  # prompt token i sees slots 0..n_cached+i
     for layer_idx, layer in enumerate(inner.layers):
         attn = layer.self_attn
-        q, k, v = _qkv(attn, layer.input_layernorm(hidden), seq)  # (H, T, hd), (H_kv, T, hd) ×2
+        q, k, v = project_qkv(attn, layer.input_layernorm(hidden), seq)  # (H, T, hd), (H_kv, T, hd) ×2
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         keys, values = buf.keys[layer_idx], buf.values[layer_idx]  # (H_kv, C, hd) views

@@ -338,7 +338,7 @@ def plot_attention_equivalence(block, cached, full, layer: int) -> plt.Figure:
     ``layer`` (mean over heads, log scale); bottom row: the prompt's rows of the first two and
     their absolute difference.
     """
-    from kvp.widgets import _boundaries, plain_view
+    from kvp.widgets import draw_boundaries, plain_view
 
     mean = {name: amap.probs[layer].float().mean(0) for name, amap in
             (("block", block), ("cached", cached), ("full", full))}  # (N, N) each
@@ -354,7 +354,7 @@ def plot_attention_equivalence(block, cached, full, layer: int) -> plt.Figure:
     for ax, (amap, matrix, title) in zip(axes[0], panels):
         shown = ax.imshow(_log_attention(matrix), cmap=_with_bad("magma"), vmin=-4, vmax=0,
                           interpolation="nearest")
-        _boundaries(ax, amap.layout, amap.layout.length)
+        draw_boundaries(ax, amap.layout, amap.layout.length)
         ax.set_title(title, fontsize=10)
         ax.grid(False)
     axes[0, 2].text(n / 2, start / 2, "context rows: computed offline,\neach packet encoded alone",
@@ -368,7 +368,7 @@ def plot_attention_equivalence(block, cached, full, layer: int) -> plt.Figure:
     for ax, (matrix, title, cmap, (lo, hi)) in zip(axes[1], strips):
         shown = ax.imshow(_log_attention(matrix, 10.0 ** lo), cmap=_with_bad(cmap), vmin=lo,
                           vmax=hi, extent=extent, aspect="auto", interpolation="nearest")
-        _boundaries(ax, block.layout, n)
+        draw_boundaries(ax, block.layout, n)
         ax.set_ylim(n - 0.5, start - 0.5)
         ax.set_yticks([])
         ax.set_title(title, fontsize=10)

@@ -35,7 +35,7 @@ class RecomputeTrace:
     attention: list[torch.Tensor] | None = None
 
 
-def _qkv(attn, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def project_qkv(attn, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(n, d) normed hidden → q (H, n, hd), k and v (H_kv, n, hd), q/k norm applied if present."""
     hd = attn.head_dim
     q = attn.q_proj(x).view(n, -1, hd)  # (n, H, hd)
@@ -72,7 +72,7 @@ def recompute(model, kv: ChunkKV, token_ids: torch.Tensor, idx: torch.Tensor,
         if n == 0:
             continue
         attn = layer.self_attn
-        q, k, v = _qkv(attn, layer.input_layernorm(hidden), n)
+        q, k, v = project_qkv(attn, layer.input_layernorm(hidden), n)
         cos, sin = rotary(hidden[None], idx[None])  # (1, n, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin

@@ -99,7 +99,7 @@ def plain_view(amap: AttentionMap, matrix: torch.Tensor) -> tuple[torch.Tensor, 
     return matrix[keep][:, keep], plain
 
 
-def _boundaries(ax, layout: Layout, n: int) -> None:
+def draw_boundaries(ax, layout: Layout, n: int) -> None:
     """Segment lines on both axes; x ticks name the preamble, documents and prompt."""
     edges = {layout.preamble[1], layout.final[0]}
     for h, body, t in zip(layout.headers, layout.bodies, layout.trailers):
@@ -325,7 +325,7 @@ class AttentionViewer:
         return fig, torch.from_numpy(diff), layout
 
     def _finish(self, fig: Figure, ax, layout: Layout, title: str) -> None:
-        _boundaries(ax, layout, layout.length)
+        draw_boundaries(ax, layout, layout.length)
         q = min(self.query_w.value, layout.length - 1)
         ax.axhline(q, color="#00e5ff", lw=0.8, ls="--")
         ax.set_xlabel("key token")
