@@ -163,7 +163,7 @@ def teacher_examples(model, tokenizer, samples: list[Sample], config: TrainConfi
         example = teacher_example(model, tokenizer, sample, config)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes may share the cache
             torch.save(example.__dict__, tmp)
             os.replace(tmp, path)
         out.append(example)
@@ -206,6 +206,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def git_commit() -> str:
+    """HEAD of the checkout, or ``KVP_GIT_COMMIT`` for a copy without ``.git`` (e.g. a GPU box)."""
+    if os.environ.get("KVP_GIT_COMMIT"):
+        return os.environ["KVP_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
