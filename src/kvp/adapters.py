@@ -109,12 +109,14 @@ RESULT_COLUMNS = ["model", "dataset", "split_shift", "method", "seed", "n", "f1_
 
 
 def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int, seeds: list[int],
-                      wrapper_dataset: str | None = None, root: Path = ADAPTER_DIR,
+                      wrapper_datasets: list[str] | None = None, root: Path = ADAPTER_DIR,
                       max_new_tokens: int | None = None,
                       rows_path: Path | None = None) -> pd.DataFrame:
-    """full_recompute, no_recompute and kv_packet (one row per wrapper seed) on ``n`` test samples.
+    """full_recompute, no_recompute and kv_packet (one row per wrapper and seed) on ``n`` test
+    samples; the baselines run once and every wrapper is compared on the same samples.
 
-    ``wrapper_dataset`` picks the adapter (default: the dataset's own; "mixture" for transfer).
+    ``wrapper_datasets`` picks the adapters (default: the dataset's own; add "mixture" for the
+    transfer of the mixture adapter).
     ``rows_path`` (``.csv.gz``) keeps the per-sample answers, for paired comparisons later.
     """
     from kvp.data import load_dataset
@@ -131,11 +133,12 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int, seeds: 
     base = evaluate(model, tokenizer, samples, [get_method("full_recompute"),
                                                 get_method("no_recompute")], settings, store=store)
     parts = [base.assign(seed=-1, wrapper="")]
-    for seed in seeds:
-        wrapper = load_adapter(model_name, wrapper_dataset or dataset, seed, root)
-        rows = evaluate(model, tokenizer, samples, [get_method("kv_packet")], settings,
-                        wrapper=wrapper, store=store)
-        parts.append(rows.assign(seed=seed, wrapper=f"{wrapper_dataset or dataset}-seed{seed}"))
+    for wrapper_dataset in wrapper_datasets or [dataset]:
+        for seed in seeds:
+            wrapper = load_adapter(model_name, wrapper_dataset, seed, root)
+            rows = evaluate(model, tokenizer, samples, [get_method("kv_packet")], settings,
+                            wrapper=wrapper, store=store)
+            parts.append(rows.assign(seed=seed, wrapper=f"{wrapper_dataset}-seed{seed}"))
     rows = pd.concat(parts, ignore_index=True)
     if rows_path is not None:
         rows_path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--model", default="smollm2-135m")
     ev.add_argument("--dataset", required=True, choices=sorted(SHIFTS))
     ev.add_argument("--shift", default="none")
-    ev.add_argument("--wrapper-dataset", default=None, help="e.g. mixture (default: --dataset)")
+    ev.add_argument("--wrapper-datasets", nargs="+", default=None,
+                    help="adapters to compare, e.g. niah mixture (default: --dataset)")
     ev.add_argument("--n", type=int, default=100)
     ev.add_argument("--seeds", type=int, nargs="+", default=[0])
     ev.add_argument("--max-new-tokens", type=int, default=None)
@@ -211,11 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "evaluate":
         if args.shift not in SHIFTS[args.dataset]:
             parser.error(f"--shift {args.shift!r}: use one of {sorted(SHIFTS[args.dataset])}")
-        wrapper = args.wrapper_dataset or args.dataset
-        rows = (args.root / "rows" / f"{args.model}__{args.dataset}__{args.shift}__{wrapper}"
-                f".csv.gz")
+        wrappers = args.wrapper_datasets or [args.dataset]
+        rows = (args.root / "rows" / f"{args.model}__{args.dataset}__{args.shift}__"
+                f"{'+'.join(wrappers)}.csv.gz")
         table = evaluate_adapters(args.model, args.dataset, args.shift, args.n, args.seeds,
-                                  args.wrapper_dataset, args.root, args.max_new_tokens, rows)
+                                  wrappers, args.root, args.max_new_tokens, rows)
         append_results(table, args.results or args.root / "results.csv")
         print(table.to_string(index=False))
     elif args.command == "table":

@@ -161,7 +161,8 @@ def wrap_embeddings(model, doc_ids: torch.Tensor, wrapper: PacketWrapper | None)
     emb = model.get_input_embeddings()(doc_ids.to(model.device))  # (n_doc, d_model)
     if wrapper is None or (wrapper.h == 0 and wrapper.t == 0):
         return emb
-    return torch.cat([wrapper.header.to(emb.dtype), emb, wrapper.trailer.to(emb.dtype)], dim=0)
+    header, trailer = (x.to(emb.device, emb.dtype) for x in (wrapper.header, wrapper.trailer))
+    return torch.cat([header, emb, trailer], dim=0)  # the wrapper may live on another device
 
 
 def build_packet(model, tokenizer, document: str, wrapper: PacketWrapper | None = None) -> Packet:
