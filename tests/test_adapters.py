@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+import pandas as pd
+
 from kvp.adapters import (ADAPTER_DIR, RECIPES, SHIFTS, append_results, evaluate_adapters,
-                          load_adapter, recipe, results_markdown)
+                          load_adapter, paired_agreement, recipe, results_markdown, seed_summary,
+                          summary_markdown)
+from kvp.metrics import agreement_f1
 
 SHIPPED = [(m, d) for (m, d) in RECIPES if (ADAPTER_DIR / m / f"{d}-seed0").exists()]
 
@@ -35,13 +39,52 @@ def test_missing_adapter_error_lists_shipped():
         load_adapter("smollm2-135m", "biography", seed=99)
 
 
+def test_smollm_ships_three_seeds_of_each_dataset():
+    for dataset in ("biography", "niah", "mixture"):
+        for seed in (0, 1, 2):
+            assert load_adapter("smollm2-135m", dataset, seed).record["config"]["seed"] == seed
+
+
 def test_evaluation_table_on_two_samples(tmp_path, smollm):
-    table = evaluate_adapters("smollm2-135m", "biography", "none", n=2, seeds=[0],
-                              max_new_tokens=8)
-    assert list(table.method) == ["full_recompute", "no_recompute", "kv_packet"]
+    rows_path = tmp_path / "rows" / "bio.csv.gz"
+    table = evaluate_adapters("smollm2-135m", "biography", "none", n=2, seeds=[0, 1],
+                              wrapper_datasets=["biography", "mixture"], max_new_tokens=8,
+                              rows_path=rows_path)
+    assert list(table.method) == ["full_recompute", "no_recompute"] + ["kv_packet"] * 4
+    assert list(table.wrapper[2:]) == ["biography-seed0", "biography-seed1", "mixture-seed0",
+                                       "mixture-seed1"]
+    rows = pd.read_csv(rows_path, keep_default_na=False)
+    gains = paired_agreement(rows_path, n_boot=50)
+    assert len(gains) == 4
+    ref = rows[rows.method == "full_recompute"].answer.tolist()
+    plain = agreement_f1(rows[rows.method == "no_recompute"].answer.tolist(), ref)
+    kv = agreement_f1(rows[rows.wrapper == "mixture-seed1"].answer.tolist(), ref)
+    assert gains.agree_gain.iloc[3] == pytest.approx(kv - plain)
+    summary = seed_summary(table)
+    assert list(summary.adapter) == ["biography", "mixture"] and set(summary.seeds) == {2}
+    assert "mixture" in summary_markdown(table, rows_path.parent)
+    table = table[table.wrapper.isin(["", "biography-seed0"])]
     assert table.loc[table.method == "full_recompute", "agree_f1"].item() == 1.0
     append_results(table, tmp_path / "results.csv")
     append_results(table, tmp_path / "results.csv")  # idempotent: same cells replaced
     md = results_markdown(tmp_path / "results.csv")
     assert md.count("\n") == 2 + 3 and "kv_packet" in md
     assert set(SHIFTS["biography"]) == {"none", "docs10", "last_slot", "long_docs"}
+
+
+def test_seed_summary_by_hand():
+    base = dict(model="m", dataset="d", split_shift="none", n=10, ci_low=0.0, ci_high=1.0)
+    results = pd.DataFrame([
+        {**base, "method": "full_recompute", "seed": -1, "wrapper": "", "f1_micro": 0.8,
+         "agree_f1": 1.0},
+        {**base, "method": "no_recompute", "seed": -1, "wrapper": "", "f1_micro": 0.4,
+         "agree_f1": 0.5},
+        {**base, "method": "kv_packet", "seed": 0, "wrapper": "d-seed0", "f1_micro": 0.6,
+         "agree_f1": 0.7},
+        {**base, "method": "kv_packet", "seed": 1, "wrapper": "d-seed1", "f1_micro": 0.7,
+         "agree_f1": 0.9}])
+    row = seed_summary(results).iloc[0]
+    assert (row.adapter, row.seeds) == ("d", 2)
+    assert row.f1_mean == pytest.approx(0.65) and row.f1_sd == pytest.approx(0.05)
+    assert row.agree_mean == pytest.approx(0.8) and row.f1_ratio == pytest.approx(0.65 / 0.8)
+    assert (row.no_recompute_f1, row.no_recompute_agree) == (0.4, 0.5)

@@ -180,6 +180,73 @@ def results_markdown(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_summary(results: pd.DataFrame) -> pd.DataFrame:
+    """kv_packet over wrapper seeds, beside the baselines of the same cells.
+
+    One row per (model, dataset, split_shift, adapter): ``seeds``, F1 and agreement as mean and
+    standard deviation over seeds, and ``f1_ratio`` = mean kv_packet F1 / full_recompute F1.
+    """
+    results = results.assign(adapter=results.wrapper.fillna("").str.replace(r"-seed\d+$", "",
+                                                                            regex=True))
+    keys = ["model", "dataset", "split_shift"]
+    base = results[results.method != "kv_packet"].pivot_table(
+        index=keys, columns="method", values=["f1_micro", "agree_f1"], aggfunc="first")
+    out = []
+    for (*key, adapter), g in results[results.method == "kv_packet"].groupby(keys + ["adapter"]):
+        ref = base.loc[tuple(key)] if tuple(key) in base.index else None
+        full = ref[("f1_micro", "full_recompute")] if ref is not None else float("nan")
+        out.append({**dict(zip(keys, key)), "adapter": adapter, "n": int(g.n.iloc[0]),
+                    "seeds": len(g), "f1_mean": g.f1_micro.mean(), "f1_sd": g.f1_micro.std(ddof=0),
+                    "agree_mean": g.agree_f1.mean(), "agree_sd": g.agree_f1.std(ddof=0),
+                    "full_f1": full,
+                    "f1_ratio": g.f1_micro.mean() / full if full > 0 else float("nan"),
+                    "no_recompute_f1": ref[("f1_micro", "no_recompute")] if ref is not None
+                    else float("nan"),
+                    "no_recompute_agree": ref[("agree_f1", "no_recompute")] if ref is not None
+                    else float("nan")})
+    return pd.DataFrame(out)
+
+
+def paired_agreement(rows_path: Path, n_boot: int = 1000) -> pd.DataFrame:
+    """Per wrapper: agreement of kv_packet minus that of no_recompute on the same samples, with a
+    paired bootstrap 95% CI and p-value (reads the per-sample rows ``evaluate`` wrote)."""
+    from kvp.metrics import agreement_f1, paired_bootstrap
+
+    rows = pd.read_csv(rows_path, keep_default_na=False)
+    ref = rows[rows.method == "full_recompute"].set_index("sample_id")["answer"]
+    plain = rows[rows.method == "no_recompute"].set_index("sample_id")["answer"]
+    out = []
+    for wrapper, g in rows[rows.method == "kv_packet"].groupby("wrapper", sort=False):
+        ids = list(g.sample_id)
+        diff, low, high, p = paired_bootstrap(list(g.answer), list(plain.loc[ids]),
+                                              list(ref.loc[ids]), agreement_f1, n_boot)
+        out.append({"model": g.model.iloc[0], "dataset": g.dataset.iloc[0],
+                    "split_shift": g.split_shift.iloc[0], "wrapper": wrapper, "n": len(ids),
+                    "agree_gain": diff, "ci_low": low, "ci_high": high, "p_value": p})
+    return pd.DataFrame(out)
+
+
+def summary_markdown(results: pd.DataFrame, rows_dir: Path | None = None) -> str:
+    """Markdown of :func:`seed_summary` (and of :func:`paired_agreement` for each rows file)."""
+    lines = ["| model | dataset | shift | adapter | n | seeds | kv_packet F1 (mean ± sd) | "
+             "% of full F1 | agreement (mean ± sd) | full F1 | no_recompute F1 / agreement |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in seed_summary(results).itertuples():
+        lines.append(f"| {r.model} | {r.dataset} | {r.split_shift} | {r.adapter} | {r.n} | "
+                     f"{r.seeds} | {r.f1_mean:.3f} ± {r.f1_sd:.3f} | {100 * r.f1_ratio:.0f}% | "
+                     f"{r.agree_mean:.3f} ± {r.agree_sd:.3f} | {r.full_f1:.3f} | "
+                     f"{r.no_recompute_f1:.3f} / {r.no_recompute_agree:.3f} |")
+    files = sorted(rows_dir.glob("*.csv.gz")) if rows_dir is not None else []
+    if files:
+        lines += ["", "| model | dataset | shift | wrapper | n | agreement gain over no_recompute "
+                  "(paired 95% CI) | p |", "|---|---|---|---|---|---|---|"]
+        for r in pd.concat([paired_agreement(f) for f in files]).itertuples():
+            lines.append(f"| {r.model} | {r.dataset} | {r.split_shift} | {r.wrapper} | {r.n} | "
+                         f"{r.agree_gain:+.3f} ({r.ci_low:+.3f} to {r.ci_high:+.3f}) | "
+                         f"{r.p_value:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train or evaluate the shipped adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--root", type=Path, default=ADAPTER_DIR)
     ev.add_argument("--results", type=Path, default=None,
                     help="CSV to append to (default: ROOT/results.csv)")
-    tb = sub.add_parser("table", help="print results.csv as a markdown table")
+    tb = sub.add_parser("table", help="print results.csv, its seed summary and paired gains as "
+                        "markdown, and draw ROOT/results.png")
     tb.add_argument("--root", type=Path, default=ADAPTER_DIR)
     pl = sub.add_parser("plot", help="draw the loss figure of every adapter under --root")
     pl.add_argument("--root", type=Path, default=ADAPTER_DIR)
@@ -223,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         append_results(table, args.results or args.root / "results.csv")
         print(table.to_string(index=False))
     elif args.command == "table":
-        print(results_markdown(args.root / "results.csv"), end="")
+        print(results_markdown(args.root / "results.csv"))
+        results = pd.read_csv(args.root / "results.csv", keep_default_na=False)
+        print(summary_markdown(results, args.root / "rows"), end="")
+        from kvp.plots import plot_adapter_results, save_fig
+
+        save_fig(plot_adapter_results(results), "results", fig_dir=args.root)
     elif args.command == "plot":
         from kvp.train import plot_loss
 
