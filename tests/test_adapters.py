@@ -47,9 +47,9 @@ def test_smollm_ships_three_seeds_of_each_dataset():
 
 def test_evaluation_table_on_two_samples(tmp_path, smollm):
     rows_path = tmp_path / "rows" / "bio.csv.gz"
-    table = evaluate_adapters("smollm2-135m", "biography", "none", n=2, seeds=[0, 1],
-                              wrapper_datasets=["biography", "mixture"], max_new_tokens=8,
-                              rows_path=rows_path)
+    table = evaluate_adapters("smollm2-135m", "biography", "none", n=2,
+                              wrappers=["biography-seed0", "biography-seed1", "mixture-seed0",
+                                        "mixture-seed1"], max_new_tokens=8, rows_path=rows_path)
     assert list(table.method) == ["full_recompute", "no_recompute"] + ["kv_packet"] * 4
     assert list(table.wrapper[2:]) == ["biography-seed0", "biography-seed1", "mixture-seed0",
                                        "mixture-seed1"]

@@ -207,6 +207,18 @@ def test_packet_store_encodes_once_and_persists(smollm, wrapper, tmp_path):
     assert (c.n_header, c.n_doc, c.n_trailer) == (4, a.n_doc, 4)
 
 
+def test_packet_store_memory_bound_evicts_least_recently_used(smollm):
+    model, tokenizer, _ = smollm
+    store = PacketStore(model, tokenizer, "smollm2-135m", max_in_memory=2)
+    first = store.get(DOCS[0])
+    store.get(DOCS[1])
+    assert store.get(DOCS[0]) is first and store.n_encoded == 2  # a hit refreshes DOCS[0]
+    store.get(DOCS[2])  # evicts DOCS[1], the least recently used
+    assert store.get(DOCS[0]) is first and store.n_encoded == 3
+    store.get(DOCS[1])
+    assert store.n_encoded == 4 and len(store._memory) == 2
+
+
 # ----------------------------------------------------------------------------- FLOPs
 def test_prefill_flops_match_flop_counter(smollm_eager):
     """Analytic FLOPs of a prefill vs FlopCounterMode on the real forward (within 5%).

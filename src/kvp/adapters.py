@@ -108,15 +108,25 @@ RESULT_COLUMNS = ["model", "dataset", "split_shift", "method", "seed", "n", "f1_
                   "ci_high", "agree_f1", "wrapper"]
 
 
-def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int, seeds: list[int],
-                      wrapper_datasets: list[str] | None = None, root: Path = ADAPTER_DIR,
+def parse_adapter(name: str) -> tuple[str, int]:
+    """``"biography-seed2"`` → ``("biography", 2)``; a bare ``"biography"`` means seed 0."""
+    dataset, sep, seed = name.rpartition("-seed")
+    if not sep:
+        return name, 0
+    if not seed.isdigit():
+        raise ValueError(f"adapter {name!r}: use <dataset>-seed<k>, e.g. biography-seed1")
+    return dataset, int(seed)
+
+
+def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
+                      wrappers: list[str] | None = None, root: Path = ADAPTER_DIR,
                       max_new_tokens: int | None = None,
                       rows_path: Path | None = None) -> pd.DataFrame:
-    """full_recompute, no_recompute and kv_packet (one row per wrapper and seed) on ``n`` test
-    samples; the baselines run once and every wrapper is compared on the same samples.
+    """full_recompute, no_recompute and kv_packet (one row per wrapper) on ``n`` test samples; the
+    baselines run once and every wrapper is compared on the same samples.
 
-    ``wrapper_datasets`` picks the adapters (default: the dataset's own; add "mixture" for the
-    transfer of the mixture adapter).
+    ``wrappers`` names the adapters as ``<dataset>-seed<k>`` (default: the dataset's own, seed 0;
+    add e.g. ``mixture-seed0`` for the transfer of the mixture adapter).
     ``rows_path`` (``.csv.gz``) keeps the per-sample answers, for paired comparisons later.
     """
     from kvp.data import load_dataset
@@ -129,16 +139,16 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int, seeds: 
     spec.require_trained()
     samples = load_dataset(dataset, "test", n=n, seed=42, **SHIFTS[dataset][shift])
     settings = EvalSettings(model_name, max_new_tokens=max_new_tokens)
-    store = PacketStore(model, tokenizer, model_name)
+    store = PacketStore(model, tokenizer, model_name, max_in_memory=64)  # documents don't recur
     base = evaluate(model, tokenizer, samples, [get_method("full_recompute"),
                                                 get_method("no_recompute")], settings, store=store)
     parts = [base.assign(seed=-1, wrapper="")]
-    for wrapper_dataset in wrapper_datasets or [dataset]:
-        for seed in seeds:
-            wrapper = load_adapter(model_name, wrapper_dataset, seed, root)
-            rows = evaluate(model, tokenizer, samples, [get_method("kv_packet")], settings,
-                            wrapper=wrapper, store=store)
-            parts.append(rows.assign(seed=seed, wrapper=f"{wrapper_dataset}-seed{seed}"))
+    for name in wrappers or [f"{dataset}-seed0"]:
+        wrapper_dataset, seed = parse_adapter(name)
+        wrapper = load_adapter(model_name, wrapper_dataset, seed, root)
+        rows = evaluate(model, tokenizer, samples, [get_method("kv_packet")], settings,
+                        wrapper=wrapper, store=store)
+        parts.append(rows.assign(seed=seed, wrapper=f"{wrapper_dataset}-seed{seed}"))
     rows = pd.concat(parts, ignore_index=True)
     if rows_path is not None:
         rows_path.parent.mkdir(parents=True, exist_ok=True)
@@ -263,10 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--model", default="smollm2-135m")
     ev.add_argument("--dataset", required=True, choices=sorted(SHIFTS))
     ev.add_argument("--shift", default="none")
-    ev.add_argument("--wrapper-datasets", nargs="+", default=None,
-                    help="adapters to compare, e.g. niah mixture (default: --dataset)")
+    ev.add_argument("--wrappers", nargs="+", default=None,
+                    help="adapters to compare, e.g. niah-seed0 niah-seed1 mixture-seed0 "
+                    "(default: DATASET-seed0)")
     ev.add_argument("--n", type=int, default=100)
-    ev.add_argument("--seeds", type=int, nargs="+", default=[0])
     ev.add_argument("--max-new-tokens", type=int, default=None)
     ev.add_argument("--root", type=Path, default=ADAPTER_DIR)
     ev.add_argument("--results", type=Path, default=None,
@@ -283,11 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "evaluate":
         if args.shift not in SHIFTS[args.dataset]:
             parser.error(f"--shift {args.shift!r}: use one of {sorted(SHIFTS[args.dataset])}")
-        wrappers = args.wrapper_datasets or [args.dataset]
-        rows = (args.root / "rows" / f"{args.model}__{args.dataset}__{args.shift}__"
-                f"{'+'.join(wrappers)}.csv.gz")
-        table = evaluate_adapters(args.model, args.dataset, args.shift, args.n, args.seeds,
-                                  wrappers, args.root, args.max_new_tokens, rows)
+        rows = args.root / "rows" / f"{args.model}__{args.dataset}__{args.shift}.csv.gz"
+        table = evaluate_adapters(args.model, args.dataset, args.shift, args.n, args.wrappers,
+                                  args.root, args.max_new_tokens, rows)
         append_results(table, args.results or args.root / "results.csv")
         print(table.to_string(index=False))
     elif args.command == "table":

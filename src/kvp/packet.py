@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,15 +181,18 @@ class PacketStore:
     """Packets keyed by (model, wrapper fingerprint, document sha256), encoded once.
 
     ``directory`` (optional) persists packets as safetensors so later processes skip encoding too.
-    ``n_encoded`` counts real encodes (tests use it to prove reuse).
+    ``max_in_memory`` (optional) keeps only the most recently used packets in memory, for long
+    evaluations whose documents do not recur. ``n_encoded`` counts real encodes (tests use it to
+    prove reuse).
     """
 
     model: object
     tokenizer: object
     model_name: str
     directory: Path | None = None
+    max_in_memory: int | None = None
     n_encoded: int = 0
-    _memory: dict = field(default_factory=dict)
+    _memory: OrderedDict = field(default_factory=OrderedDict)
 
     def key(self, document: str, wrapper: PacketWrapper | None) -> tuple[str, str, str]:
         wid = wrapper.fingerprint() if wrapper is not None else "plain"
@@ -197,6 +201,7 @@ class PacketStore:
     def get(self, document: str, wrapper: PacketWrapper | None = None) -> Packet:
         key = self.key(document, wrapper)
         if key in self._memory:
+            self._memory.move_to_end(key)
             return self._memory[key]
         packet = self._load(key) if self.directory is not None else None
         if packet is None:
@@ -205,6 +210,8 @@ class PacketStore:
             if self.directory is not None:
                 self._save(key, packet)
         self._memory[key] = packet
+        while self.max_in_memory is not None and len(self._memory) > self.max_in_memory:
+            self._memory.popitem(last=False)  # least recently used
         return packet
 
     def _path(self, key: tuple[str, str, str]) -> Path:
