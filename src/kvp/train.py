@@ -326,8 +326,11 @@ def plot_loss(out_dir: Path, title: str) -> None:
     losses = pd.read_csv(Path(out_dir) / "loss.csv")
     set_theme()
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(losses["step"], losses["loss"], color="#1f77b4")
+    ax.plot(losses["step"], losses["loss"], color="#9ecae1", lw=1, label="per step")
+    epochs = losses.groupby("epoch").agg(step=("step", "max"), loss=("loss", "mean"))
+    ax.plot(epochs["step"], epochs["loss"], color="#08519c", marker="o", ms=3, label="epoch mean")
     ax.set(xlabel="optimiser step", ylabel="loss per sample", title=title)
+    ax.legend(frameon=False)
     save_fig(fig, "loss", fig_dir=out_dir)
     plt.close(fig)
 
