@@ -214,7 +214,9 @@ def seed_summary(results: pd.DataFrame) -> pd.DataFrame:
                     else float("nan"),
                     "no_recompute_agree": ref[("agree_f1", "no_recompute")] if ref is not None
                     else float("nan")})
-    return pd.DataFrame(out)
+    out = pd.DataFrame(out)
+    order = out.assign(standard=out.split_shift != "none")  # the standard test first
+    return out.loc[order.sort_values(keys[:2] + ["standard", "split_shift"], kind="stable").index]
 
 
 def paired_agreement(rows_path: Path, n_boot: int = 1000) -> pd.DataFrame:
