@@ -36,3 +36,19 @@ def test_save_fig_writes_png_and_pdf(tmp_path):
     with pytest.raises(ValueError, match="'demo'"):
         plots.save_fig(fig, "demo.png", fig_dir=tmp_path)
     plt.close(fig)
+
+
+def test_adapter_results_figure_has_one_column_per_cell():
+    from kvp.adapters import ADAPTER_DIR
+
+    results = pd.read_csv(ADAPTER_DIR / "results.csv", keep_default_na=False)
+    fig = plots.plot_adapter_results(results)
+    cells = results.groupby(["model", "dataset", "split_shift"]).ngroups
+    assert len(fig.axes) == 2 * cells
+    first = fig.axes[0]
+    assert first.get_title().startswith("biography\nnone")  # the standard test comes first
+    n_bars = len(results[(results.dataset == "biography") & (results.split_shift == "none")]
+                 .assign(a=lambda d: d.wrapper.str.replace(r"-seed\d+$", "", regex=True))
+                 .drop_duplicates(["method", "a"]))
+    assert len(first.patches) == n_bars
+    plt.close(fig)
