@@ -121,3 +121,25 @@ def test_device_and_dtype_resolution():
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("float8", torch.device("cpu"))
+
+
+def test_concurrent_conversion_keeps_the_first_finished_copy(tmp_path, monkeypatch):
+    """Two processes converting at once: the one that renames second keeps the winner's copy."""
+    import shutil
+
+    import safetensors.torch
+
+    done = models.converted_dir("smollm2-135m")  # the session's finished conversion
+    models.ensure_converted("smollm2-135m")
+    monkeypatch.setenv("KVP_CACHE", str(tmp_path))
+    target = models.converted_dir("smollm2-135m")
+    real_save = safetensors.torch.save_model
+
+    def other_process_wins(*args, **kwargs):
+        shutil.copytree(done, target)  # the other process renames its finished copy into place
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_model", other_process_wins)
+    assert models.ensure_converted("smollm2-135m") == target
+    assert (target / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.joinpath("models").iterdir()] == [target.name]  # no leftovers

@@ -261,7 +261,11 @@ def ensure_converted(name: str) -> Path:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         (tmp / "kvp-source.sha256").write_text(EMBEDDED[name].sha256 + "\n")
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same conversion first: keep its copy
+            if not (marker.exists() and marker.read_text().strip() == EMBEDDED[name].sha256):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
