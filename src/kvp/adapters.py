@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kvp.results import atomic_path
 from kvp.train import TrainConfig
 
 ADAPTER_DIR = Path(__file__).resolve().parents[2] / "data" / "adapters"
@@ -151,10 +152,8 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
         parts.append(rows.assign(seed=seed, wrapper=f"{wrapper_dataset}-seed{seed}"))
     rows = pd.concat(parts, ignore_index=True)
     if rows_path is not None:
-        rows_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = rows_path.with_name(rows_path.name + ".tmp")
-        rows.assign(split_shift=shift).to_csv(tmp, index=False, compression="gzip")
-        tmp.replace(rows_path)
+        with atomic_path(rows_path) as tmp:
+            rows.assign(split_shift=shift).to_csv(tmp, index=False, compression="gzip")
     out = []
     for (seed, wrapper), part in rows.groupby(["seed", "wrapper"], sort=False):
         with_ref = pd.concat([base[base.method == "full_recompute"], part]).drop_duplicates(
@@ -173,9 +172,8 @@ def append_results(table: pd.DataFrame, path: Path) -> None:
         merged = pd.concat([old, table], ignore_index=True)
     merged = merged.drop_duplicates(
         subset=["model", "dataset", "split_shift", "method", "seed", "wrapper"], keep="last")
-    tmp = path.with_suffix(".tmp")
-    merged.to_csv(tmp, index=False, float_format="%.4f")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        merged.to_csv(tmp, index=False, float_format="%.4f")
 
 
 def results_markdown(path: Path) -> str:
@@ -190,30 +188,33 @@ def results_markdown(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def adapter_of(wrappers: pd.Series) -> pd.Series:
+    """Wrapper names without their seed (``"mixture-seed1"`` → ``"mixture"``; baselines ``""``)."""
+    return wrappers.fillna("").str.replace(r"-seed\d+$", "", regex=True)
+
+
 def seed_summary(results: pd.DataFrame) -> pd.DataFrame:
     """kv_packet over wrapper seeds, beside the baselines of the same cells.
 
     One row per (model, dataset, split_shift, adapter): ``seeds``, F1 and agreement as mean and
     standard deviation over seeds, and ``f1_ratio`` = mean kv_packet F1 / full_recompute F1.
     """
-    results = results.assign(adapter=results.wrapper.fillna("").str.replace(r"-seed\d+$", "",
-                                                                            regex=True))
+    results = results.assign(adapter=adapter_of(results.wrapper))
     keys = ["model", "dataset", "split_shift"]
-    base = results[results.method != "kv_packet"].pivot_table(
-        index=keys, columns="method", values=["f1_micro", "agree_f1"], aggfunc="first")
+    base = results[results.method != "kv_packet"].set_index(keys + ["method"])
     out = []
     for (*key, adapter), g in results[results.method == "kv_packet"].groupby(keys + ["adapter"]):
-        ref = base.loc[tuple(key)] if tuple(key) in base.index else None
-        full = ref[("f1_micro", "full_recompute")] if ref is not None else float("nan")
+        def baseline(method: str, metric: str) -> float:
+            return base[metric].get((*key, method), float("nan"))
+
+        full = baseline("full_recompute", "f1_micro")
         out.append({**dict(zip(keys, key)), "adapter": adapter, "n": int(g.n.iloc[0]),
                     "seeds": len(g), "f1_mean": g.f1_micro.mean(), "f1_sd": g.f1_micro.std(ddof=0),
                     "agree_mean": g.agree_f1.mean(), "agree_sd": g.agree_f1.std(ddof=0),
                     "full_f1": full,
                     "f1_ratio": g.f1_micro.mean() / full if full > 0 else float("nan"),
-                    "no_recompute_f1": ref[("f1_micro", "no_recompute")] if ref is not None
-                    else float("nan"),
-                    "no_recompute_agree": ref[("agree_f1", "no_recompute")] if ref is not None
-                    else float("nan")})
+                    "no_recompute_f1": baseline("no_recompute", "f1_micro"),
+                    "no_recompute_agree": baseline("no_recompute", "agree_f1")})
     out = pd.DataFrame(out)
     order = out.assign(standard=out.split_shift != "none")  # the standard test first
     return out.loc[order.sort_values(keys[:2] + ["standard", "split_shift"], kind="stable").index]

@@ -240,7 +240,11 @@ def ensure_converted(name: str) -> Path:
     """
     target = converted_dir(name)
     marker = target / "kvp-source.sha256"
-    if marker.exists() and marker.read_text().strip() == EMBEDDED[name].sha256:
+
+    def finished() -> bool:
+        return marker.exists() and marker.read_text().strip() == EMBEDDED[name].sha256
+
+    if finished():
         return target
     shutil.rmtree(target, ignore_errors=True)
     gguf = embedded_gguf(name)
@@ -264,7 +268,7 @@ def ensure_converted(name: str) -> Path:
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished the same conversion first: keep its copy
-            if not (marker.exists() and marker.read_text().strip() == EMBEDDED[name].sha256):
+            if not finished():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

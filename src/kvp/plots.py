@@ -539,8 +539,9 @@ def plot_adapter_results(results: pd.DataFrame) -> plt.Figure:
 
     ``results`` has the columns of ``data/adapters/results.csv``.
     """
-    results = results.assign(adapter=results.wrapper.fillna("").str.replace(r"-seed\d+$", "",
-                                                                            regex=True))
+    from kvp.adapters import adapter_of
+
+    results = results.assign(adapter=adapter_of(results.wrapper))
     cells = sorted(results.groupby(["model", "dataset", "split_shift"]).groups,
                    key=lambda c: (c[0], c[1], c[2] != "none", c[2]))  # the standard test first
     set_theme()

@@ -36,6 +36,7 @@ from kvp.data import Sample, load_dataset, seeded_rng
 from kvp.data.prompts import build_segments, dataset_of, generation_config, segment_ids
 from kvp.generate import greedy_decode, prefill
 from kvp.packet import PacketWrapper
+from kvp.results import atomic_path
 from transformers import DynamicCache
 
 
@@ -162,10 +163,8 @@ def teacher_examples(model, tokenizer, samples: list[Sample], config: TrainConfi
             continue
         example = teacher_example(model, tokenizer, sample, config)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes may share the cache
-            torch.save(example.__dict__, tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:  # unique temp name: processes may share the cache
+                torch.save(example.__dict__, tmp)
         out.append(example)
     return out
 
