@@ -23,9 +23,9 @@ ADAPTER_DIR = Path(__file__).resolve().parents[2] / "data" / "adapters"
 NIAH_OPTIONS = {"context_tokens": 1536, "chunk_chars": 1000}
 NIAH_TRAIN_OPTIONS = {"context_tokens": 1536, "chunk_chars": 1000, "variant": "single"}
 
-# The shipped smollm2-135m adapters were trained on one H100 GPU with these recipes (the paper's
-# biography schedule is 4×64 samples × 30 epochs at batch 64; ours is 4×64 × 12 at batch 16). The
-# Qwen recipe is CPU-sized. Every recipe runs anywhere; on a 2-core CPU a GPU recipe takes hours.
+# The shipped adapters were trained on one H100 GPU with these recipes (the paper's biography
+# schedule is 4×64 samples × 30 epochs at batch 64; ours is 4×64 × 12 at batch 16). Every recipe
+# runs anywhere; on a 2-core CPU one takes hours.
 RECIPES: dict[tuple[str, str], TrainConfig] = {
     ("smollm2-135m", "biography"): TrainConfig(
         model="smollm2-135m", dataset="biography", n_samples=256, num_docs=(2, 3, 5, 7),
@@ -39,8 +39,8 @@ RECIPES: dict[tuple[str, str], TrainConfig] = {
                          "options": {"biography": {"num_docs": 5}, "niah": NIAH_TRAIN_OPTIONS}},
         epochs=8, lr=1e-3, batch_size=16, max_new_tokens=16, checkpoint_every=16),
     ("qwen2.5-coder-0.5b", "biography"): TrainConfig(
-        model="qwen2.5-coder-0.5b", dataset="biography", n_samples=48, num_docs=(2, 3, 5, 7),
-        epochs=3, lr=2e-3, batch_size=16, max_new_tokens=16, checkpoint_every=3),
+        model="qwen2.5-coder-0.5b", dataset="biography", n_samples=256, num_docs=(2, 3, 5, 7),
+        epochs=12, lr=1e-3, batch_size=16, max_new_tokens=16, checkpoint_every=16),
 }
 
 
