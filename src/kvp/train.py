@@ -10,7 +10,7 @@
 * **Loss**: forward KL(teacher ‖ student) over the top-k support (teacher renormalised on it),
   summed over answer positions; or cross-entropy on the teacher's tokens (``loss="ce"``).
 * **Optimiser**: AdamW (weight decay 0), linear decay to 0, gradient accumulation to
-  ``batch_size`` samples, seeded; bf16 autocast on CUDA, fp32 on CPU.
+  ``batch_size`` samples, seeded; bf16 autocast on CUDA (``autocast=False``: fp32), fp32 on CPU.
 * **Checkpoints**: every ``checkpoint_every`` optimiser steps, atomically; ``resume`` continues
   bit-for-bit on CPU because the sample order of each epoch depends only on (seed, epoch).
 """
@@ -61,6 +61,7 @@ class TrainConfig:
     data_seed: int = 0
     checkpoint_every: int = 5
     gradient_checkpointing: bool = False
+    autocast: bool = True  # bf16 autocast on CUDA (CPU always trains in fp32)
 
     def __post_init__(self):
         self.num_docs = tuple(self.num_docs)
@@ -264,7 +265,8 @@ def train(model, tokenizer, config: TrainConfig, out_dir: str | Path, progress: 
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, losses = state["step"], state["losses"]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=config.autocast and device.type == "cuda")
     bar = tqdm(total=config.total_steps, initial=step, desc="train", disable=not progress)
     try:
         while step < config.total_steps:
