@@ -7,9 +7,10 @@ import pytest
 import pandas as pd
 
 from kvp.adapters import (ADAPTER_DIR, RECIPES, SHIFTS, append_results, evaluate_adapters,
-                          load_adapter, paired_agreement, recipe, results_markdown, seed_summary,
-                          summary_markdown)
+                          load_adapter, paired_agreement, read_rows, recipe, results_markdown,
+                          seed_summary, summary_markdown)
 from kvp.metrics import agreement_f1
+from kvp.train import TrainConfig
 
 SHIPPED = [(m, d) for (m, d) in RECIPES if (ADAPTER_DIR / m / f"{d}-seed0").exists()]
 
@@ -23,12 +24,12 @@ def test_shipped_adapter_loads_with_record(model, dataset):
     wrapper = load_adapter(model, dataset)
     assert wrapper.model_name == model and (wrapper.h, wrapper.t) == (8, 8)
     record = wrapper.record
-    assert record["config"] == recipe(model, dataset).to_dict()
+    assert TrainConfig(**record["config"]) == recipe(model, dataset)  # fields added later: defaults
     assert record["steps"] == recipe(model, dataset).total_steps and record["git_commit"]
     folder = ADAPTER_DIR / model / f"{dataset}-seed0"
     for name in ("config.json", "loss.csv", "loss.png", "loss.pdf"):
         assert (folder / name).exists(), name
-    with pytest.raises(ValueError, match="trained for model 'smollm2-135m'"):
+    with pytest.raises(ValueError, match=f"trained for model '{model}'"):
         from kvp.packet import PacketWrapper
 
         PacketWrapper.load(folder / "wrapper.safetensors", model_name="another-model")
@@ -63,6 +64,14 @@ def test_evaluation_table_on_two_samples(tmp_path, smollm):
     summary = seed_summary(table)
     assert list(summary.adapter) == ["biography", "mixture"] and set(summary.seeds) == {2}
     assert "mixture" in summary_markdown(table, rows_path.parent)
+    # a larger n with the same rows file reuses the two samples and evaluates only the third
+    again = evaluate_adapters("smollm2-135m", "biography", "none", n=3, wrappers=["biography-seed0"],
+                              max_new_tokens=8, rows_path=rows_path)
+    resumed = read_rows(rows_path)
+    assert len(resumed) == 3 * 3 and list(again.n) == [3, 3, 3]
+    first = rows[rows.wrapper.isin(["", "biography-seed0"])]
+    reused = resumed[resumed.sample_id.isin(first.sample_id)]
+    assert reused.ttft_ms.tolist() == pytest.approx(first.ttft_ms.tolist())  # not re-timed
     table = table[table.wrapper.isin(["", "biography-seed0"])]
     assert table.loc[table.method == "full_recompute", "agree_f1"].item() == 1.0
     append_results(table, tmp_path / "results.csv")

@@ -129,7 +129,10 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
 
     ``wrappers`` names the adapters as ``<dataset>-seed<k>`` (default: the dataset's own, seed 0;
     add e.g. ``mixture-seed0`` for the transfer of the mixture adapter).
-    ``rows_path`` (``.csv.gz``) keeps the per-sample answers, for paired comparisons later.
+    ``rows_path`` (``.csv.gz``) keeps the per-sample answers, for paired comparisons later. It is
+    rewritten after the baselines and after each wrapper, and a later call reuses the rows it holds
+    for the same (sample, method, wrapper, ``max_new_tokens``): an interrupted run resumes, and a
+    larger ``n`` evaluates only the new samples (the test samples of a seed are prefix-stable).
     """
     from kvp.data import load_dataset
     from kvp.evaluate import EvalSettings, evaluate, summarize
@@ -142,19 +145,44 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
     samples = load_dataset(dataset, "test", n=n, seed=42, **SHIFTS[dataset][shift])
     settings = EvalSettings(model_name, max_new_tokens=max_new_tokens)
     store = PacketStore(model, tokenizer, model_name, max_in_memory=64)  # documents don't recur
-    base = evaluate(model, tokenizer, samples, [get_method("full_recompute"),
-                                                get_method("no_recompute")], settings, store=store)
-    parts = [base.assign(seed=-1, wrapper="")]
+    previous = read_rows(rows_path) if rows_path is not None else None
+    if previous is not None and "max_new_tokens" not in previous:
+        previous = None  # written before the decoding budget was recorded: nothing is reused
+    if previous is not None:  # rows decoded with another budget don't count
+        budget = pd.to_numeric(previous["max_new_tokens"], errors="coerce")
+        previous = previous[budget.isna() if max_new_tokens is None else budget == max_new_tokens]
+    parts: list[pd.DataFrame] = []
+
+    def run(methods: list[str], seed: int, wrapper_name: str, wrapper=None) -> pd.DataFrame:
+        """Rows of ``methods`` on every sample: reused from ``previous`` or evaluated now."""
+        order = {s.id: i for i, s in enumerate(samples)}
+        kept = []
+        if previous is not None:
+            mine = previous[previous.method.isin(methods) & (previous.wrapper == wrapper_name)
+                            & previous.sample_id.isin(order)]
+            complete = mine.groupby("sample_id").method.nunique() == len(methods)
+            kept = [mine[mine.sample_id.isin(complete[complete].index)]]
+        have = set(kept[0].sample_id) if kept else set()
+        todo = [s for s in samples if s.id not in have]
+        if todo:
+            new = evaluate(model, tokenizer, todo, [get_method(m) for m in methods], settings,
+                           wrapper=wrapper, store=store)
+            kept.append(new.assign(seed=seed, wrapper=wrapper_name, max_new_tokens=max_new_tokens))
+        done = pd.concat(kept, ignore_index=True)
+        done = done.sort_values("sample_id", key=lambda ids: ids.map(order), kind="stable")
+        parts.append(done.reset_index(drop=True))
+        if rows_path is not None:
+            with atomic_path(rows_path) as tmp:
+                pd.concat(parts, ignore_index=True).assign(split_shift=shift).to_csv(
+                    tmp, index=False, compression="gzip")
+        return parts[-1]
+
+    base = run(["full_recompute", "no_recompute"], -1, "")
     for name in wrappers or [f"{dataset}-seed0"]:
         wrapper_dataset, seed = parse_adapter(name)
-        wrapper = load_adapter(model_name, wrapper_dataset, seed, root)
-        rows = evaluate(model, tokenizer, samples, [get_method("kv_packet")], settings,
-                        wrapper=wrapper, store=store)
-        parts.append(rows.assign(seed=seed, wrapper=f"{wrapper_dataset}-seed{seed}"))
+        run(["kv_packet"], seed, f"{wrapper_dataset}-seed{seed}",
+            load_adapter(model_name, wrapper_dataset, seed, root))
     rows = pd.concat(parts, ignore_index=True)
-    if rows_path is not None:
-        with atomic_path(rows_path) as tmp:
-            rows.assign(split_shift=shift).to_csv(tmp, index=False, compression="gzip")
     out = []
     for (seed, wrapper), part in rows.groupby(["seed", "wrapper"], sort=False):
         with_ref = pd.concat([base[base.method == "full_recompute"], part]).drop_duplicates(
@@ -163,6 +191,18 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
         summary = summary[summary.method.isin(part.method.unique())]
         out.append(summary.assign(split_shift=shift, seed=seed, wrapper=wrapper))
     return pd.concat(out, ignore_index=True)[RESULT_COLUMNS]
+
+
+def read_rows(path: Path) -> pd.DataFrame | None:
+    """Per-sample rows written by :func:`evaluate_adapters` (``gold`` parsed back into lists), or
+    ``None`` when there is no file."""
+    import ast
+
+    if not path.exists():
+        return None
+    rows = pd.read_csv(path, keep_default_na=False)
+    rows["gold"] = rows["gold"].map(ast.literal_eval)
+    return rows
 
 
 def append_results(table: pd.DataFrame, path: Path) -> None:
@@ -226,7 +266,7 @@ def paired_agreement(rows_path: Path, n_boot: int = 1000) -> pd.DataFrame:
     paired bootstrap 95% CI and p-value (reads the per-sample rows ``evaluate`` wrote)."""
     from kvp.metrics import agreement_f1, paired_bootstrap
 
-    rows = pd.read_csv(rows_path, keep_default_na=False)
+    rows = read_rows(rows_path)
     ref = rows[rows.method == "full_recompute"].set_index("sample_id")["answer"]
     plain = rows[rows.method == "no_recompute"].set_index("sample_id")["answer"]
     out = []
