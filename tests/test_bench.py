@@ -14,7 +14,8 @@ import torch
 
 from kvp.bench import (BenchConfig, IdTokenizer, bench_model, environment, loglog_slopes,
                        plot_latency, synthetic_context, write_csv)
-from kvp.fast import KVBuffer, PromptGraph, assemble_into, fast_query
+from kvp.fast import (RMS_NORMS, KVBuffer, PromptGraph, assemble_into, fast_query, mlp, norm,
+                      rms_norm, rope, silu_mul)
 from kvp.methods import get_method
 from kvp.models import load_model
 from kvp.packet import PacketWrapper, assemble
@@ -72,6 +73,29 @@ def test_assemble_into_keeps_the_positions_of_compressed_packets(smollm):
     assert (n_cached, pos) == (kv.length, next_pos) and n_cached < next_pos
     torch.testing.assert_close(buf.keys, kv.keys)
     torch.testing.assert_close(buf.values, kv.values)
+
+
+@pytest.mark.parametrize("which", ["smollm", "small_llama"])
+def test_elementwise_kernels_are_the_model_modules_maths(which, request):
+    """The functions ``fused=True`` compiles compute exactly what the model's own modules do."""
+    model = request.getfixturevalue(which)
+    model = model[0] if isinstance(model, tuple) else model
+    layer = model.model.layers[0]
+    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ln = layer.input_layernorm
+    assert type(ln).__name__ in RMS_NORMS
+    torch.testing.assert_close(rms_norm(x, ln.weight, ln.variance_epsilon), ln(x), rtol=0, atol=0)
+    m = layer.mlp
+    torch.testing.assert_close(m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x))), m(x),
+                               rtol=0, atol=0)
+    positions = torch.arange(3, 8)[None]
+    cos, sin = model.model.rotary_emb(x[None], positions)
+    q = torch.randn(4, 5, cos.shape[-1])
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    expected, _ = apply_rotary_pos_emb(q[None], q[None], cos, sin)
+    torch.testing.assert_close(rope(q, cos, sin), expected[0], rtol=0, atol=0)
+    assert norm(ln, x, fused=False) is not None and mlp(m, x, fused=False).shape == x.shape
 
 
 def test_too_small_buffer_and_graph_on_cpu_are_refused(smollm):
@@ -133,15 +157,15 @@ def test_plot_latency_draws_one_line_per_label_and_the_floor():
 
 
 @pytest.mark.gpu
-def test_fused_rotation_and_cuda_graph_match_the_plain_path():
+def test_fused_kernels_and_cuda_graph_match_the_plain_path():
     model, _, _ = load_model("arch:llama-3.1-8b", device="cuda", config_overrides=SMALL_LLAMA)
     ctx, method, packets = packet_context(model)
     plain = method.prefill(ctx, packets)
     buf = KVBuffer.allocate(model, plain.next_pos)
     logits, _ = fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused=True)
     n_cached, start = assemble_into(model, buf, ctx.preamble_kv, packets, fused=True)
-    graph = PromptGraph(model, buf, n_cached, len(ctx.task_ids), start)
-    replayed = graph(ctx.task_ids.cuda())
-    for out in (logits, replayed):
+    replayed = [PromptGraph(model, buf, n_cached, len(ctx.task_ids), start, fused)(ctx.task_ids.cuda())
+                for fused in (False, True)]
+    for out in [logits] + replayed:
         torch.testing.assert_close(out.float(), plain.first_logits.float(), rtol=0.05, atol=0.5)
         assert out.argmax() == plain.first_logits.argmax()

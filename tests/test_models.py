@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvp import models
-from kvp.models import check_supported, load_model, resolve_device, resolve_dtype
+from kvp.models import ARCHITECTURES, check_supported, load_model, resolve_device, resolve_dtype
 
 BIO_DOCS = [
     "Maria Lindqvist was born on 14 March 1987 in Gothenburg. She studied chemistry at "
@@ -112,6 +112,18 @@ def test_random_architecture_is_marked_and_refused_for_accuracy():
     assert spec.rope_parameters["rope_type"] == "llama3" and spec.head_dim == 128
     with pytest.raises(ValueError, match="random weights"):
         spec.require_trained()
+
+
+def test_smollm_architecture_is_the_embedded_models(smollm):
+    """arch:smollm2-135m (GPU latency runs without the weights file) has the real model's shapes."""
+    real = smollm[0].config
+    arch, _, _ = load_model("arch:smollm2-135m", device="meta")
+    for key, value in ARCHITECTURES["arch:smollm2-135m"].items():
+        if key == "rope_parameters":
+            assert real.rope_parameters == value
+        elif key != "model_type":
+            assert getattr(real, key) == pytest.approx(value), key
+    assert sum(p.numel() for p in arch.parameters()) == sum(p.numel() for p in smollm[0].parameters())
 
 
 def test_device_and_dtype_resolution():

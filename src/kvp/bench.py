@@ -5,8 +5,11 @@ synthetic query is built from random token ids (random-weight architectures have
 and each method's timed query step (``Method.prefill``: assembly, any recompute, prompt prefill up
 to the first token's logits) is run ``warmup`` times, then repeatedly; the median is reported. KV
 Packet is also timed on the optimised path of ``kvp.fast`` (``variant`` "fast": preallocated
-buffer, fused re-rotation, lean SDPA prompt step; "fast+graph": the prompt step as a CUDA graph),
-whose first-token logits are compared with the plain path's in the same run.
+buffer, re-rotation on the way into it, lean SDPA prompt step, eager kernels; "fast+graph": the
+prompt step as a CUDA graph; "fast+graph+fused": also compiled kernels, each packet's copy and
+re-rotation fused into one), whose first-token logits are compared with the plain path's in the
+same run. ``assembly_ms`` times the assembly alone; ``rotation_ms`` is what re-rotation adds to it:
+the assembly minus the same copies without rotation.
 
 Floors: ``floor_mem_ms`` = (weights read once + the method's cached KV) / measured device
 bandwidth (a large device-to-device copy); ``floor_flops_ms`` = analytic FLOPs / measured bf16
@@ -46,11 +49,12 @@ DEFAULT_METHODS: tuple[tuple[str, dict], ...] = (
     ("cache_blend", {"ratio": 0.15}), ("cache_blend", {"ratio": 0.5}), ("epic", {"n_tokens": 32}),
     ("a3", {"ratio": 0.15}), ("sam_kv", {}),
 )
-FAST_VARIANTS = ("fast", "fast+graph")
+FAST_VARIANTS = ("fast", "fast+graph", "fast+graph+fused")
 COLUMNS = ["device", "model", "method", "setting", "variant", "label", "context_tokens", "n_docs",
            "cached_tokens", "prompt_tokens", "ttft_ms", "ttft_p10_ms", "ttft_p90_ms", "n_runs",
            "floor_ms", "floor_mem_ms", "floor_flops_ms", "ttft_over_floor", "flops", "bytes_min",
-           "peak_mem_bytes", "assembly_ms", "assembly_share", "max_logit_diff", "top1_agrees",
+           "peak_mem_bytes", "assembly_ms", "assembly_share", "rotation_ms", "rotation_share",
+           "max_logit_diff", "top1_agrees",
            "status", "bandwidth_gbs", "matmul_tflops", "dtype", "torch", "transformers", "cuda",
            "date"]
 
@@ -228,6 +232,7 @@ def bench_context(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, e
                  peak_mem_bytes=_peak(device) if times else float("nan"), status=status, **extra)
         r["ttft_over_floor"] = r["ttft_ms"] / r["floor_ms"]
         r["assembly_share"] = r.get("assembly_ms", float("nan")) / r["ttft_ms"]
+        r["rotation_share"] = r.get("rotation_ms", float("nan")) / r["ttft_ms"]
         log(f"  {model_name} ctx={context_tokens} docs={n_docs} {label:32s} "
             f"{r['ttft_ms']:9.2f} ms  floor {r['floor_ms']:8.2f} ms  ×{r['ttft_over_floor']:.2f}"
             f"  ({status})")
@@ -269,11 +274,12 @@ def bench_context(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, e
 
 def bench_fast(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, plain: dict,
                deadline: float, row) -> list[dict]:
-    """KV Packet on ``kvp.fast``: eager ("fast") and with the prompt step as a CUDA graph."""
+    """KV Packet on ``kvp.fast``: eager ("fast"), with the prompt step as a CUDA graph, and with
+    compiled kernels on top ("fast+graph+fused"); the graph variants need CUDA."""
     device = model.device
     rows: list[dict] = []
     for variant in cfg.variants:
-        if variant == "fast+graph" and device.type != "cuda":
+        if "graph" in variant and device.type != "cuda":
             continue
         if time.perf_counter() > deadline:
             rows.append(row("kv_packet", "", variant, None, plain["flops"], plain["cached"],
@@ -288,9 +294,19 @@ def bench_fast(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, plai
     return rows
 
 
+def copy_chunks(buf: KVBuffer, chunks: list) -> None:
+    """The copies ``assemble_into`` makes, without re-rotation (to time what rotation adds)."""
+    slot = 0
+    for chunk in chunks:
+        end = slot + chunk.length
+        buf.keys[:, :, slot:end].copy_(chunk.keys)
+        buf.values[:, :, slot:end].copy_(chunk.values)
+        slot = end
+
+
 def _bench_variant(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant: str, row) -> dict:
     device, packets, n_task = model.device, plain["packets"], len(ctx.task_ids)
-    fused = device.type == "cuda"
+    fused = variant.endswith("+fused")
     _free(device)
     _peak_reset(device)
     buf = KVBuffer.allocate(model, plain["cached"] + n_task)
@@ -299,7 +315,7 @@ def _bench_variant(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, vari
             return fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused)[0]
     else:
         n_cached, start = assemble_into(model, buf, ctx.preamble_kv, packets, fused)
-        graph = PromptGraph(model, buf, n_cached, n_task, start)
+        graph = PromptGraph(model, buf, n_cached, n_task, start, fused)
 
         def step():
             ids = ctx.task_ids.to(device)
@@ -309,10 +325,16 @@ def _bench_variant(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, vari
     diff = float((logits - plain["logits"]).abs().max())
     agree = bool(logits.argmax() == plain["logits"].argmax())
     times = time_runs(step, device, cfg.warmup, cfg.repeats, cfg.min_repeats, cfg.max_seconds)
-    asm = time_runs(lambda: assemble_into(model, buf, ctx.preamble_kv, packets, fused), device,
-                    1, cfg.repeats, cfg.min_repeats, cfg.max_seconds)
+
+    def median_ms(fn) -> float:
+        return 1e3 * statistics.median(time_runs(fn, device, 1, cfg.repeats, cfg.min_repeats,
+                                                 cfg.max_seconds))
+
+    assembly = median_ms(lambda: assemble_into(model, buf, ctx.preamble_kv, packets, fused))
+    copies = median_ms(lambda: copy_chunks(buf, [ctx.preamble_kv] + [p.kv for p in packets]))
     return row("kv_packet", "", variant, times, plain["flops"], plain["cached"],
-               assembly_ms=1e3 * statistics.median(asm), max_logit_diff=diff, top1_agrees=agree)
+               assembly_ms=assembly, rotation_ms=assembly - copies, max_logit_diff=diff,
+               top1_agrees=agree)
 
 
 def bench_model(model, model_name: str, cfg: BenchConfig, env: Environment,
@@ -373,16 +395,19 @@ def loglog_slopes(df: pd.DataFrame, n_docs: int | None = None) -> pd.DataFrame:
     return pd.DataFrame(out, columns=["device", "model", "label", "slope", "min_tokens", "max_tokens"])
 
 
-def summary(df: pd.DataFrame, context_tokens: int = 8192, n_docs: int = 8,
-            packet_label: str = "kv_packet[fast+graph]") -> pd.DataFrame:
+PACKET_LABELS = tuple(f"kv_packet[{v}]" for v in reversed(FAST_VARIANTS)) + ("kv_packet",)
+
+
+def summary(df: pd.DataFrame, context_tokens: int = 8192, n_docs: int = 8) -> pd.DataFrame:
     """Per (device, model) at one configuration: KV Packet's speed-up over full recompute, its time
-    over its floor, the assembly (re-rotation) share, and whether it beats every recompute baseline
-    at every measured configuration."""
+    over its floor, the shares of assembly and of re-rotation, and whether it beats every recompute
+    baseline at every measured configuration. KV Packet is its most optimised variant measured
+    (the first of ``PACKET_LABELS`` present)."""
     out = []
     ok = df[df["status"] == "ok"]
     for (device, model), g in ok.groupby(["device", "model"]):
         labels = set(g["label"])
-        packet = packet_label if packet_label in labels else "kv_packet"
+        packet = next(label for label in PACKET_LABELS if label in labels or label == "kv_packet")
         at = g[(g["context_tokens"] == context_tokens) & (g["n_docs"] == n_docs)].set_index("label")
         if packet not in at.index or "full_recompute" not in at.index:
             continue
@@ -395,6 +420,7 @@ def summary(df: pd.DataFrame, context_tokens: int = 8192, n_docs: int = 8,
                         n_docs=n_docs, packet_ms=kp["ttft_ms"], full_recompute_ms=full["ttft_ms"],
                         speedup_vs_full=full["ttft_ms"] / kp["ttft_ms"],
                         over_floor=kp["ttft_over_floor"], assembly_share=kp["assembly_share"],
+                        rotation_share=kp.get("rotation_share", float("nan")),
                         beats_all_recompute=bool((mine[common] < best[common]).all()),
                         configs_compared=len(common)))
     return pd.DataFrame(out)

