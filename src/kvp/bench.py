@@ -431,7 +431,7 @@ def plot_latency(df: pd.DataFrame, model: str | None = None, n_docs: int | None 
     floor dashed. Returns the matplotlib Axes."""
     import matplotlib.pyplot as plt
 
-    from kvp.plots import method_style
+    from kvp.plots import line_style, method_style
 
     ok = df[df["status"] == "ok"]
     model = model or ok["model"].iloc[0]
@@ -442,9 +442,8 @@ def plot_latency(df: pd.DataFrame, model: str | None = None, n_docs: int | None 
         _, ax = plt.subplots(figsize=(7, 4.5))
     for label, g in ok.groupby("label", sort=False):
         style = method_style(g["method"].iloc[0])
-        dashed = g["variant"].iloc[0] != "plain" or "ratio=0.5" in label
         ax.plot(g["context_tokens"], g["ttft_ms"], marker=style.marker, color=style.color,
-                linestyle=":" if dashed else "-", label=label)
+                linestyle=line_style(g["variant"].iloc[0], str(g["setting"].iloc[0])), label=label)
     floor = ok[ok["label"] == "kv_packet"]
     ax.plot(floor["context_tokens"], floor["floor_ms"], color="black", linestyle="--",
             label="KV Packet floor")

@@ -482,11 +482,22 @@ def plot_compression(sweep: pd.DataFrame, baselines: pd.DataFrame | None = None)
     return fig
 
 
+VARIANT_LINES = {"fast": ":", "fast+graph": "-.", "fast+graph+fused": (0, (6, 1.5))}
+
+
+def line_style(variant: str, setting: str) -> str | tuple:
+    """Line style of a latency curve: solid for a method's own path (dotted for its second,
+    larger setting), one style per optimised ``kvp.fast`` variant."""
+    if variant == "plain":
+        return ":" if "ratio=0.5" in setting else "-"
+    return VARIANT_LINES.get(variant, "-.")
+
+
 def plot_latency_grid(bench: pd.DataFrame) -> plt.Figure:
     """TTFT vs context length, TTFT vs number of documents and FLOPs vs context length.
 
     ``bench``: rows of ``kvp.bench`` CSVs (status ``ok``), one figure row per (device, model);
-    one line per method setting (optimised variants such as ``fast`` dotted), log-log axes with
+    one line per method setting (optimised variants: ``line_style``), log-log axes with
     the measured values as ticks; one legend for the figure.
     """
     from matplotlib.ticker import NullLocator
@@ -512,9 +523,7 @@ def plot_latency_grid(bench: pd.DataFrame) -> plt.Figure:
             for label, line in part.groupby("line", sort=False):
                 line = line.sort_values(x)
                 style = method_style(line["method"].iloc[0])
-                variant = line["variant"].iloc[0]
-                ls = {"plain": ":" if "ratio=0.5" in line["setting"].iloc[0] else "-",
-                      "fast": ":"}.get(variant, "-.")
+                ls = line_style(line["variant"].iloc[0], line["setting"].iloc[0])
                 (handles[label],) = ax.plot(line[x], line[y].where(line[y] > 0), color=style.color,
                                             marker=style.marker, ms=4, ls=ls, label=label)
             ax.set(xscale="log", yscale="log")
