@@ -436,6 +436,7 @@ def plot_latency(df: pd.DataFrame, model: str | None = None, n_docs: int | None 
     ok = df[df["status"] == "ok"]
     model = model or ok["model"].iloc[0]
     ok = ok[ok["model"] == model]
+    ok = ok.assign(setting=ok["setting"].fillna("") if "setting" in ok else "")
     n_docs = n_docs if n_docs is not None else int(ok["n_docs"].mode().iloc[0])
     ok = ok[ok["n_docs"] == n_docs].sort_values("context_tokens")
     if ax is None:
@@ -443,7 +444,7 @@ def plot_latency(df: pd.DataFrame, model: str | None = None, n_docs: int | None 
     for label, g in ok.groupby("label", sort=False):
         style = method_style(g["method"].iloc[0])
         ax.plot(g["context_tokens"], g["ttft_ms"], marker=style.marker, color=style.color,
-                linestyle=line_style(g["variant"].iloc[0], str(g["setting"].iloc[0])), label=label)
+                linestyle=line_style(g["variant"].iloc[0], g["setting"].iloc[0]), label=label)
     floor = ok[ok["label"] == "kv_packet"]
     ax.plot(floor["context_tokens"], floor["floor_ms"], color="black", linestyle="--",
             label="KV Packet floor")
