@@ -121,6 +121,7 @@ def test_tiny_benchmark_writes_the_schema(smollm, small_llama, tmp_path):
     assert (df["ttft_ms"] > 0).all() and (df["floor_ms"] > 0).all() and (df["flops"] > 0).all()
     fast = df[df["variant"] == "fast"]
     assert fast["top1_agrees"].all() and (fast["max_logit_diff"] < 1e-3).all()
+    assert fast[["assembly_ms", "rotation_ms", "rotation_share"]].notna().all().all()
     packet = df[df["label"] == "kv_packet"].set_index(["model", "n_docs"])
     full = df[df["label"] == "full_recompute"].set_index(["model", "n_docs"])
     # KV Packet caches 16 wrapper tokens per document on top of the same context
