@@ -579,7 +579,7 @@ def plot_adapter_results(results: pd.DataFrame) -> plt.Figure:
             ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=60, ha="right",
                           fontsize=8)
             if row == 0:
-                ax.set_title(f"{dataset}\n{shift} · n={int(cell.n.iloc[0])}", fontsize=10)
+                ax.set_title(f"{model}\n{dataset} · {shift} · n={int(cell.n.iloc[0])}", fontsize=9)
                 ax.tick_params(labelbottom=False)
             if col == 0:
                 ax.set_ylabel("micro F1 (95% CI)" if row == 0 else "agreement with full")
