@@ -520,6 +520,12 @@ def plot_latency_grid(bench: pd.DataFrame) -> plt.Figure:
                   (row[1], g[g["context_tokens"] == context], "n_docs", "ttft_ms"),
                   (row[2], at_docs[at_docs["variant"] == "plain"], "context_tokens", "flops"))
         for ax, part, x, y in panels:
+            if part[x].nunique() < 2:  # e.g. a run cut before its document-count sweep
+                ax.text(0.5, 0.5, f"one {x.replace('_', ' ')} value only:\nno sweep measured",
+                        ha="center", va="center", transform=ax.transAxes, color="0.4")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
             for label, line in part.groupby("line", sort=False):
                 line = line.sort_values(x)
                 style = method_style(line["method"].iloc[0])
