@@ -145,30 +145,23 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
     samples = load_dataset(dataset, "test", n=n, seed=42, **SHIFTS[dataset][shift])
     settings = EvalSettings(model_name, max_new_tokens=max_new_tokens)
     store = PacketStore(model, tokenizer, model_name, max_in_memory=64)  # documents don't recur
-    previous = read_rows(rows_path) if rows_path is not None else None
-    if previous is not None and "max_new_tokens" not in previous:
-        previous = None  # written before the decoding budget was recorded: nothing is reused
-    if previous is not None:  # rows decoded with another budget don't count
-        budget = pd.to_numeric(previous["max_new_tokens"], errors="coerce")
-        previous = previous[budget.isna() if max_new_tokens is None else budget == max_new_tokens]
+    order = {s.id: i for i, s in enumerate(samples)}
+    previous = reusable_rows(rows_path, max_new_tokens, order)
     parts: list[pd.DataFrame] = []
 
     def run(methods: list[str], seed: int, wrapper_name: str, wrapper=None) -> pd.DataFrame:
         """Rows of ``methods`` on every sample: reused from ``previous`` or evaluated now."""
-        order = {s.id: i for i, s in enumerate(samples)}
-        kept = []
-        if previous is not None:
-            mine = previous[previous.method.isin(methods) & (previous.wrapper == wrapper_name)
-                            & previous.sample_id.isin(order)]
-            complete = mine.groupby("sample_id").method.nunique() == len(methods)
-            kept = [mine[mine.sample_id.isin(complete[complete].index)]]
-        have = set(kept[0].sample_id) if kept else set()
+        mine = previous[previous.method.isin(methods) & (previous.wrapper == wrapper_name)]
+        complete = mine.groupby("sample_id").method.nunique() == len(methods)
+        kept = mine[mine.sample_id.isin(complete[complete].index)]
+        have = set(kept.sample_id)
         todo = [s for s in samples if s.id not in have]
+        done = [kept] if len(kept) else []
         if todo:
             new = evaluate(model, tokenizer, todo, [get_method(m) for m in methods], settings,
                            wrapper=wrapper, store=store)
-            kept.append(new.assign(seed=seed, wrapper=wrapper_name, max_new_tokens=max_new_tokens))
-        done = pd.concat(kept, ignore_index=True)
+            done.append(new.assign(seed=seed, wrapper=wrapper_name, max_new_tokens=max_new_tokens))
+        done = pd.concat(done, ignore_index=True)
         done = done.sort_values("sample_id", key=lambda ids: ids.map(order), kind="stable")
         parts.append(done.reset_index(drop=True))
         if rows_path is not None:
@@ -203,6 +196,17 @@ def read_rows(path: Path) -> pd.DataFrame | None:
     rows = pd.read_csv(path, keep_default_na=False)
     rows["gold"] = rows["gold"].map(ast.literal_eval)
     return rows
+
+
+def reusable_rows(path: Path | None, max_new_tokens: int | None, sample_ids) -> pd.DataFrame:
+    """The rows of an earlier run that this one may reuse: same decoding budget, requested samples
+    (none from a file written before the budget was recorded)."""
+    rows = read_rows(path) if path is not None else None
+    if rows is None or "max_new_tokens" not in rows:
+        return pd.DataFrame(columns=["sample_id", "method", "wrapper"])
+    budget = pd.to_numeric(rows["max_new_tokens"], errors="coerce")
+    same = budget.isna() if max_new_tokens is None else budget == max_new_tokens
+    return rows[same & rows.sample_id.isin(sample_ids)]
 
 
 def append_results(table: pd.DataFrame, path: Path) -> None:

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kvp.cache import chunk_offsets
 from kvp.fast import KVBuffer, PromptGraph, assemble_into, fast_query
 from kvp.generate import timer
 from kvp.methods import get_method, make_context
@@ -296,12 +297,9 @@ def bench_fast(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, plai
 
 def copy_chunks(buf: KVBuffer, chunks: list) -> None:
     """The copies ``assemble_into`` makes, without re-rotation (to time what rotation adds)."""
-    slot = 0
-    for chunk in chunks:
-        end = slot + chunk.length
-        buf.keys[:, :, slot:end].copy_(chunk.keys)
-        buf.values[:, :, slot:end].copy_(chunk.values)
-        slot = end
+    for chunk, slot in zip(chunks, chunk_offsets([c.length for c in chunks])):
+        buf.keys[:, :, slot:slot + chunk.length].copy_(chunk.keys)
+        buf.values[:, :, slot:slot + chunk.length].copy_(chunk.values)
 
 
 def _bench_variant(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant: str, row) -> dict:
@@ -407,7 +405,7 @@ def summary(df: pd.DataFrame, context_tokens: int = 8192, n_docs: int = 8) -> pd
     ok = df[df["status"] == "ok"]
     for (device, model), g in ok.groupby(["device", "model"]):
         labels = set(g["label"])
-        packet = next(label for label in PACKET_LABELS if label in labels or label == "kv_packet")
+        packet = next((label for label in PACKET_LABELS if label in labels), "kv_packet")
         at = g[(g["context_tokens"] == context_tokens) & (g["n_docs"] == n_docs)].set_index("label")
         if packet not in at.index or "full_recompute" not in at.index:
             continue

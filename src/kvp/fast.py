@@ -138,15 +138,14 @@ def assemble_into(model, buf: KVBuffer, preamble: ChunkKV, packets: list[Packet]
                          f"{buf.capacity}; allocate KVBuffer with capacity >= context + prompt")
     offsets = chunk_offsets(spans)
     cos, sin = rotation(model, torch.tensor(offsets), device=buf.keys.device)  # (chunks, D)
-    slot = 0
-    for i, (chunk, offset) in enumerate(zip(chunks, offsets)):
+    slots = chunk_offsets([c.length for c in chunks])  # stored tokens back to back
+    for i, (chunk, slot) in enumerate(zip(chunks, slots)):
         end = slot + chunk.length
-        if offset:  # one batched rotation over all layers and heads of this chunk
+        if offsets[i]:  # one batched rotation over all layers and heads of this chunk
             rotate_into(buf.keys[:, :, slot:end], chunk.keys, cos[i], sin[i], fused)
         else:
             buf.keys[:, :, slot:end].copy_(chunk.keys)
         buf.values[:, :, slot:end].copy_(chunk.values)
-        slot = end
     return n_cached, int(sum(spans))
 
 
