@@ -14,11 +14,14 @@ import torch
 
 from kvp.bench import (BenchConfig, IdTokenizer, bench_model, environment, loglog_slopes,
                        plot_latency, synthetic_context, write_csv)
-from kvp.fast import (RMS_NORMS, KVBuffer, PromptGraph, assemble_into, fast_query, mlp, norm,
-                      rms_norm, rope, silu_mul)
+from kvp import kernels
+from kvp.cache import ChunkKV
+from kvp.fast import (RMS_NORMS, KVBuffer, PromptGraph, add_rms_norm, assemble_into, fast_query,
+                      fused_projections, mlp, rms_norm, rope, rope_store, silu_mul)
 from kvp.methods import get_method
 from kvp.models import load_model
 from kvp.packet import PacketWrapper, assemble
+from kvp.rope import apply_rotation
 
 SMALL_LLAMA = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=512,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1024)
@@ -85,6 +88,10 @@ def test_elementwise_kernels_are_the_model_modules_maths(which, request):
     ln = layer.input_layernorm
     assert type(ln).__name__ in RMS_NORMS
     torch.testing.assert_close(rms_norm(x, ln.weight, ln.variance_epsilon), ln(x), rtol=0, atol=0)
+    delta = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    added, normed = add_rms_norm(x, delta, ln.weight, ln.variance_epsilon)
+    torch.testing.assert_close(added, x + delta, rtol=0, atol=0)
+    torch.testing.assert_close(normed, ln(x + delta), rtol=0, atol=0)
     m = layer.mlp
     torch.testing.assert_close(m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x))), m(x),
                                rtol=0, atol=0)
@@ -95,7 +102,79 @@ def test_elementwise_kernels_are_the_model_modules_maths(which, request):
 
     expected, _ = apply_rotary_pos_emb(q[None], q[None], cos, sin)
     torch.testing.assert_close(rope(q, cos, sin), expected[0], rtol=0, atol=0)
-    assert norm(ln, x, fused=False) is not None and mlp(m, x, fused=False).shape == x.shape
+    k, v = q[:2], q[2:]
+    k_out, v_out = torch.zeros_like(k), torch.zeros_like(v)
+    torch.testing.assert_close(rope_store(q, k, v, cos, sin, k_out, v_out), expected[0],
+                               rtol=0, atol=0)
+    torch.testing.assert_close(k_out, expected[0][:2], rtol=0, atol=0)
+    assert torch.equal(v_out, v) and torch.equal(mlp(m, x, None), m(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_launch_assembly_is_the_eager_rotation_and_copy(dtype):
+    """The Triton assembly kernel (run by Triton's interpreter on the CPU) against
+    ``apply_rotation`` chunk by chunk, including a sliced (strided) chunk and unwritten slots."""
+    gen = torch.Generator().manual_seed(0)
+    n_layers, n_heads, dim = 3, 2, 64
+
+    def chunk(length):
+        return ChunkKV(*(torch.randn(n_layers, n_heads, length, dim, generator=gen).to(dtype)
+                         for _ in range(2)))
+
+    chunks = [chunk(5), chunk(70).slice(2, 67), chunk(13)]  # 65 tokens: two blocks, one partial
+    slots, capacity = [0, 5, 70], 90
+    cos, sin = torch.randn(3, dim, generator=gen), torch.randn(3, dim, generator=gen)
+    keys = torch.zeros(n_layers, n_heads, capacity, dim, dtype=dtype)
+    values = torch.zeros_like(keys)
+    kernels.assemble(keys, values, chunks, slots, cos, sin)
+    # the interpreter rounds fp32 → bf16 toward zero (CUDA rounds to nearest): one bf16 step apart
+    tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-6)
+    for i, (c, slot) in enumerate(zip(chunks, slots)):
+        torch.testing.assert_close(keys[:, :, slot:slot + c.length],
+                                   apply_rotation(c.keys, cos[i], sin[i]), **tol)
+        assert torch.equal(values[:, :, slot:slot + c.length], c.values)
+    assert not keys[:, :, 83:].any() and not values[:, :, 83:].any()
+    kernels.assemble(keys, values, chunks, slots, cos, sin, rotate=False)
+    assert torch.equal(keys[:, :, 5:70], chunks[1].keys)
+    with pytest.raises(ValueError, match="capacity"):
+        kernels.assemble(keys, values, chunks, [0, 5, 80], cos, sin)
+
+
+def tiny_qwen2():
+    """A two-layer Qwen2 (q/k/v with biases) with random weights: only the maths is compared."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(num_hidden_layers=2, hidden_size=128, intermediate_size=256,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["arch:llama-3.1-8b", "arch:qwen3-4b", "qwen2"])
+def test_fused_query_gives_the_plain_first_logits(arch):
+    """``fused=True`` on the CPU: one-launch assembly (interpreted), fused q/k/v and gate/up GEMMs
+    and compiled element-wise kernels, against the plain path; fusing leaves the model's maths."""
+    if arch == "qwen2":
+        model = tiny_qwen2()
+    else:
+        model = load_model(arch, device="cpu", config_overrides=SMALL_LLAMA)[0]
+    ctx, method, packets = packet_context(model)
+    plain = method.prefill(ctx, packets)
+    ids = ctx.task_ids[None]
+    before = model(ids).logits
+    buf = KVBuffer.allocate(model, plain.next_pos)
+    logits, next_pos = fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused=True)
+    assert next_pos == plain.next_pos
+    torch.testing.assert_close(logits, plain.first_logits, rtol=1e-4, atol=1e-4)
+    for layer, cached in enumerate(plain.cache.layers):
+        torch.testing.assert_close(buf.keys[layer], cached.keys[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(buf.values[layer], cached.values[0], rtol=1e-4, atol=1e-4)
+    fused = fused_projections(model)
+    attn = model.model.layers[0].self_attn
+    assert fused[0].bound_to(model.model.layers[0]) and (fused[0].qkv_bias is not None) == (arch == "qwen2")
+    assert attn.q_proj.weight.data_ptr() == fused[0].qkv.data_ptr()  # views: no added memory
+    assert fused_projections(model) is fused  # built once
+    assert torch.equal(model(ids).logits, before)
 
 
 def test_too_small_buffer_and_graph_on_cpu_are_refused(smollm):
@@ -162,9 +241,14 @@ def test_fused_kernels_and_cuda_graph_match_the_plain_path():
     model, _, _ = load_model("arch:llama-3.1-8b", device="cuda", config_overrides=SMALL_LLAMA)
     ctx, method, packets = packet_context(model)
     plain = method.prefill(ctx, packets)
+    eager = KVBuffer.allocate(model, plain.next_pos)
+    assemble_into(model, eager, ctx.preamble_kv, packets)
     buf = KVBuffer.allocate(model, plain.next_pos)
-    logits, _ = fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused=True)
     n_cached, start = assemble_into(model, buf, ctx.preamble_kv, packets, fused=True)
+    # the compiled Triton kernel rounds like torch and does not fuse multiply-adds: bit for bit
+    assert torch.equal(buf.keys[:, :, :n_cached], eager.keys[:, :, :n_cached])
+    assert torch.equal(buf.values[:, :, :n_cached], eager.values[:, :, :n_cached])
+    logits, _ = fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused=True)
     replayed = [PromptGraph(model, buf, n_cached, len(ctx.task_ids), start, fused)(ctx.task_ids.cuda())
                 for fused in (False, True)]
     for out in [logits] + replayed:

@@ -6,8 +6,8 @@ and each method's timed query step (``Method.prefill``: assembly, any recompute,
 to the first token's logits) is run ``warmup`` times, then repeatedly; the median is reported. KV
 Packet is also timed on the optimised path of ``kvp.fast`` (``variant`` "fast": preallocated
 buffer, re-rotation on the way into it, lean SDPA prompt step, eager kernels; "fast+graph": the
-prompt step as a CUDA graph; "fast+graph+fused": also compiled kernels, each packet's copy and
-re-rotation fused into one), whose first-token logits are compared with the plain path's in the
+prompt step as a CUDA graph; "fast+graph+fused": also the one-launch Triton assembly, fused
+q/k/v and gate/up GEMMs and compiled element-wise kernels), whose first-token logits are compared with the plain path's in the
 same run. ``assembly_ms`` times the assembly alone; ``rotation_ms`` is what re-rotation adds to it:
 the assembly minus the same copies without rotation.
 
@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kvp import kernels
 from kvp.cache import chunk_offsets
 from kvp.fast import KVBuffer, PromptGraph, assemble_into, fast_query
 from kvp.generate import timer
@@ -295,9 +296,15 @@ def bench_fast(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, plai
     return rows
 
 
-def copy_chunks(buf: KVBuffer, chunks: list) -> None:
-    """The copies ``assemble_into`` makes, without re-rotation (to time what rotation adds)."""
-    for chunk, slot in zip(chunks, chunk_offsets([c.length for c in chunks])):
+def copy_chunks(buf: KVBuffer, chunks: list, fused: bool = False) -> None:
+    """The copies ``assemble_into`` makes, without re-rotation (to time what rotation adds);
+    ``fused``: the same one-launch kernel with its rotation switched off."""
+    slots = chunk_offsets([c.length for c in chunks])
+    if fused:
+        identity = torch.zeros(len(chunks), buf.keys.shape[-1], device=buf.keys.device)
+        kernels.assemble(buf.keys, buf.values, chunks, slots, identity, identity, rotate=False)
+        return
+    for chunk, slot in zip(chunks, slots):
         buf.keys[:, :, slot:slot + chunk.length].copy_(chunk.keys)
         buf.values[:, :, slot:slot + chunk.length].copy_(chunk.values)
 
@@ -329,7 +336,7 @@ def _bench_variant(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, vari
                                                  cfg.max_seconds))
 
     assembly = median_ms(lambda: assemble_into(model, buf, ctx.preamble_kv, packets, fused))
-    copies = median_ms(lambda: copy_chunks(buf, [ctx.preamble_kv] + [p.kv for p in packets]))
+    copies = median_ms(lambda: copy_chunks(buf, [ctx.preamble_kv] + [p.kv for p in packets], fused))
     return row("kv_packet", "", variant, times, plain["flops"], plain["cached"],
                assembly_ms=assembly, rotation_ms=assembly - copies, max_logit_diff=diff,
                top1_agrees=agree)

@@ -1,4 +1,4 @@
-"""The KV Packet query step, optimised: preallocated cache, fused re-rotation, lean prompt prefill.
+"""The KV Packet query step, optimised: preallocated cache, one-launch assembly, lean prompt prefill.
 
 The plain path (``kvp.packet.assemble`` + ``kvp.generate.prefill``) concatenates the packets into a
 new tensor, re-rotates the keys with several fp32 passes, copies everything again into an HF
@@ -7,20 +7,21 @@ cache update copies the whole context once more. Here (SPEC §2, same maths):
 
 * ``KVBuffer`` — keys/values (L, H_kv, C, D) allocated once for a capacity C (context + prompt);
 * ``assemble_into`` — ``[preamble][packet 1]…[packet N]`` written straight into the buffer, each
-  packet's keys (all layers at once) re-rotated on the way in: with ``fused=True`` one compiled
-  kernel per packet reads the stored bf16 keys once and writes them rotated into their slots (fp32
-  inside, exactly ``kvp.rope.apply_rotation``), so re-rotation costs no more memory traffic than
-  the copy that assembly needs anyway;
-* ``prompt_step`` — the prompt through every layer with the model's own projections: its K/V go
-  into the buffer slots after the context and its queries attend through SDPA with a lower-right
-  causal bias, so attention costs prompt × context (never context²) and nothing is copied; only the
-  last position reaches the LM head. With ``fused=True`` the small element-wise steps (RMSNorm,
-  RoPE, SiLU·up) run as compiled kernels, fewer launches per layer;
+  packet's keys (all layers at once) re-rotated on the way in; with ``fused=True`` all of it is one
+  Triton kernel launch (``kvp.kernels``): stored keys read once and written rotated (fp32 inside,
+  exactly ``kvp.rope.apply_rotation``), so re-rotation costs no memory traffic beyond the copy;
+* ``prompt_step`` — the prompt through every layer with the model's own weights: its K/V go into
+  the buffer slots after the context and its queries attend through SDPA with a lower-right causal
+  bias, so attention costs prompt × context (never context²) and nothing is copied; only the last
+  position reaches the LM head. With ``fused=True``: q/k/v and gate/up are one GEMM each
+  (``fused_projections``: the model's Linear weights become views of the fused matrices) and the
+  element-wise steps run as compiled kernels (RoPE + the K/V store, SiLU·up, residual add + RMSNorm);
 * ``PromptGraph`` — ``prompt_step`` captured once as a CUDA graph for one (context length, prompt
   length) and replayed, removing the per-kernel launch overhead of the short prompt.
 
-``fused=True`` needs ``torch.compile`` (the benchmark uses it on CUDA); ``fused=False`` runs the
-same maths eagerly, which is what the CPU tests check against the plain path.
+``fused=True`` needs Triton and ``torch.compile`` (the benchmark uses it on CUDA; on the CPU the
+assembly kernel runs in Triton's interpreter, for tests); ``fused=False`` runs the same maths
+eagerly, which is what the CPU tests check against the plain path.
 Decoding can continue from the buffer: ``kvp.cache.to_cache(buf.keys[..., :n, :], buf.values[..., :n, :])``.
 """
 
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from kvp import kernels
 from kvp.cache import ChunkKV, check_cache_supported, chunk_offsets
 from kvp.packet import Packet
 from kvp.recompute import project_qkv
@@ -61,11 +63,6 @@ class KVBuffer:
 
 
 # --------------------------------------------------------------------------- element-wise kernels
-def _rotate_into(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """out (…, S, D) ← keys (…, S, D) rotated by cos/sin ((S, D) or (D,)), as ``apply_rotation``."""
-    out.copy_(apply_rotation(keys, cos, sin))
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """(…, d) → (…, d): the RMSNorm of llama / mistral / qwen2 / qwen3 (fp32 statistics)."""
     h = x.float()
@@ -96,25 +93,107 @@ def kernel(fn: Callable, fused: bool) -> Callable:
     return _compiled[fn]
 
 
-def rotate_into(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                fused: bool = False) -> None:
-    """Write the re-rotated ``keys`` into ``out`` (a buffer slice). ``fused=True``: the cast, the
-    rotation and the store are one kernel (keys read once, written once); eager makes several
-    fp32 passes. The values are the same."""
-    kernel(_rotate_into, fused)(out, keys, cos, sin)
+def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next RMSNorm: (hidden + delta, rms_norm(hidden + delta)), (T, d)."""
+    hidden = hidden + delta
+    return hidden, rms_norm(hidden, weight, eps)
 
 
-def norm(module: torch.nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
-    """The model's RMSNorm ``module`` on x; ``fused`` runs the same maths as one compiled kernel."""
+def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor) -> torch.Tensor:
+    """RoPE on q (H, T, hd) and k (H_kv, T, hd); k and v written to the buffer slices k_out / v_out
+    (H_kv, T, hd). Returns the rotated q."""
+    k_out.copy_(rope(k, cos, sin))
+    v_out.copy_(v)
+    return rope(q, cos, sin)
+
+
+def add_norm(hidden: torch.Tensor, delta: torch.Tensor, module: torch.nn.Module, fused: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden + delta, module(hidden + delta)) for the model's RMSNorm ``module``; ``fused`` makes
+    the add and the norm one compiled kernel."""
     if fused and type(module).__name__ in RMS_NORMS:
-        return kernel(rms_norm, True)(x, module.weight, module.variance_epsilon)
-    return module(x)
+        return kernel(add_rms_norm, True)(hidden, delta, module.weight, module.variance_epsilon)
+    hidden = hidden + delta
+    return hidden, module(hidden)
 
 
-def mlp(module: torch.nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
-    """The gated MLP ``down(act(gate(x)) · up(x))``; ``fused`` fuses SiLU and the product."""
-    if fused and getattr(getattr(module, "config", None), "hidden_act", None) == "silu":
-        return module.down_proj(kernel(silu_mul, True)(module.gate_proj(x), module.up_proj(x)))
+# --------------------------------------------------------------------------- fused projections
+@dataclass(frozen=True)
+class FusedLayer:
+    """One decoder layer's input projections as single matrices (views shared with the model).
+
+    qkv: (H·hd + 2·H_kv·hd, d) and its bias (or None); gate_up: (2·I, d), or None when the MLP is
+    not a SiLU-gated one."""
+
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    gate_up: torch.Tensor | None
+
+    def bound_to(self, layer) -> bool:
+        """Whether the model's q_proj still uses this storage (a ``.to()`` would break the views)."""
+        return layer.self_attn.q_proj.weight.data_ptr() == self.qkv.data_ptr()
+
+
+def _fuse(linears: list[torch.nn.Module], bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of ``linears`` and re-point each module at its rows."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    stacked = torch.cat([m.bias.detach() for m in linears]) if bias else None
+    row = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = torch.nn.Parameter(weight[row:row + n], requires_grad=False)
+        if bias:
+            m.bias = torch.nn.Parameter(stacked[row:row + n], requires_grad=False)
+        row += n
+    return weight, stacked
+
+
+def fused_projections(model) -> list[FusedLayer] | None:
+    """Per layer, q/k/v and gate/up as one matrix each, built once; None if the projections are
+    not plain ``nn.Linear`` layers (e.g. quantized). The model's own Linear weights become views
+    of the fused matrices, so no memory is added and the model computes exactly as before."""
+    layers = model.model.layers
+    fused = getattr(model, "_kvp_fused_projections", None)
+    if fused is not None and all(f.bound_to(layer) for f, layer in zip(fused, layers)):
+        return fused
+    attn0 = layers[0].self_attn
+    if any(type(m) is not torch.nn.Linear for m in (attn0.q_proj, attn0.k_proj, attn0.v_proj)):
+        return None
+    fused = []
+    for layer in layers:
+        attn, mlp_ = layer.self_attn, layer.mlp
+        projs = [attn.q_proj, attn.k_proj, attn.v_proj]
+        qkv, bias = _fuse(projs, all(p.bias is not None for p in projs))
+        gated = getattr(getattr(mlp_, "config", None), "hidden_act", None) == "silu"
+        gate_up = _fuse([mlp_.gate_proj, mlp_.up_proj], False)[0] if gated else None
+        fused.append(FusedLayer(qkv, bias, gate_up))
+    model._kvp_fused_projections = fused
+    return fused
+
+
+def project(attn, x: torch.Tensor, seq: int, fused: FusedLayer | None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(T, d) normed hidden → q (H, T, hd), k and v (H_kv, T, hd): ``project_qkv``, or one GEMM
+    with the fused matrix."""
+    if fused is None:
+        return project_qkv(attn, x, seq)
+    hd = attn.head_dim
+    n_kv = attn.k_proj.weight.shape[0]
+    q, k, v = F.linear(x, fused.qkv, fused.qkv_bias).split([fused.qkv.shape[0] - 2 * n_kv, n_kv, n_kv], -1)
+    q, k, v = q.view(seq, -1, hd), k.view(seq, -1, hd), v.view(seq, -1, hd)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+
+
+def mlp(module: torch.nn.Module, x: torch.Tensor, fused: FusedLayer | None) -> torch.Tensor:
+    """The gated MLP ``down(act(gate(x)) · up(x))``; with ``fused`` one gate·up GEMM and one
+    compiled SiLU·up kernel."""
+    if fused is not None and fused.gate_up is not None:
+        gate, up = F.linear(x, fused.gate_up).chunk(2, dim=-1)
+        return module.down_proj(kernel(silu_mul, True)(gate, up))
     return module(x)
 
 
@@ -138,13 +217,15 @@ def assemble_into(model, buf: KVBuffer, preamble: ChunkKV, packets: list[Packet]
                          f"{buf.capacity}; allocate KVBuffer with capacity >= context + prompt")
     offsets = chunk_offsets(spans)
     cos, sin = rotation(model, torch.tensor(offsets), device=buf.keys.device)  # (chunks, D)
+    if offsets[0] == 0:  # the preamble stays where it is: an exact identity, whatever the scaling
+        cos[0], sin[0] = 1.0, 0.0
     slots = chunk_offsets([c.length for c in chunks])  # stored tokens back to back
+    if fused:
+        kernels.assemble(buf.keys, buf.values, chunks, slots, cos, sin)
+        return n_cached, int(sum(spans))
     for i, (chunk, slot) in enumerate(zip(chunks, slots)):
-        end = slot + chunk.length
-        if offsets[i]:  # one batched rotation over all layers and heads of this chunk
-            rotate_into(buf.keys[:, :, slot:end], chunk.keys, cos[i], sin[i], fused)
-        else:
-            buf.keys[:, :, slot:end].copy_(chunk.keys)
+        end = slot + chunk.length  # one batched rotation over all layers and heads of this chunk
+        buf.keys[:, :, slot:end] = apply_rotation(chunk.keys, cos[i], sin[i])
         buf.values[:, :, slot:end].copy_(chunk.values)
     return n_cached, int(sum(spans))
 
@@ -168,21 +249,24 @@ def prompt_step(model, buf: KVBuffer, n_cached: int, input_ids: torch.Tensor,
                          f"{buf.capacity}; allocate a larger KVBuffer")
     hidden = inner.embed_tokens(input_ids)  # (T, d)
     cos, sin = rotary_module(model)(hidden[None], positions[None])  # (1, T, hd)
-    rotate = kernel(rope, fused)
+    store = kernel(rope_store, fused)
+    projections = fused_projections(model) if fused else None
     bias = causal_lower_right(seq, end)  # prompt token i sees slots 0..n_cached+i
-    for layer_idx, layer in enumerate(inner.layers):
-        attn = layer.self_attn
-        q, k, v = project_qkv(attn, norm(layer.input_layernorm, hidden, fused), seq)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # (H, T, hd), (H_kv, T, hd)
-        keys, values = buf.keys[layer_idx], buf.values[layer_idx]  # (H_kv, C, hd) views
-        keys[:, n_cached:end] = k
-        values[:, n_cached:end] = v
+    layers = inner.layers
+    x = layers[0].input_layernorm(hidden)
+    for i, layer in enumerate(layers):
+        attn, weights = layer.self_attn, projections[i] if projections else None
+        q, k, v = project(attn, x, seq, weights)
+        keys, values = buf.keys[i], buf.values[i]  # (H_kv, C, hd) views
+        q = store(q, k, v, cos, sin, keys[:, n_cached:end], values[:, n_cached:end])  # (H, T, hd)
         out = F.scaled_dot_product_attention(q[None], keys[None, :, :end], values[None, :, :end],
                                              attn_mask=bias, scale=attn.scaling,
                                              enable_gqa=True)[0]  # (H, T, hd)
-        hidden = hidden + attn.o_proj(out.transpose(0, 1).reshape(seq, -1))  # (T, d)
-        hidden = hidden + mlp(layer.mlp, norm(layer.post_attention_layernorm, hidden, fused), fused)
-    return model.lm_head(norm(inner.norm, hidden[-1:], fused))[0]  # (V,)
+        out = attn.o_proj(out.transpose(0, 1).reshape(seq, -1))  # (T, d)
+        hidden, x = add_norm(hidden, out, layer.post_attention_layernorm, fused)
+        next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else inner.norm
+        hidden, x = add_norm(hidden, mlp(layer.mlp, x, weights), next_norm, fused)
+    return model.lm_head(x[-1:])[0]  # (V,)
 
 
 def prompt_positions(model, start: int, seq: int) -> torch.Tensor:
