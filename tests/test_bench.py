@@ -122,22 +122,45 @@ def test_one_launch_assembly_is_the_eager_rotation_and_copy(dtype):
                          for _ in range(2)))
 
     chunks = [chunk(5), chunk(70).slice(2, 67), chunk(13)]  # 65 tokens: two blocks, one partial
-    slots, capacity = [0, 5, 70], 90
-    cos, sin = torch.randn(3, dim, generator=gen), torch.randn(3, dim, generator=gen)
+    slots, offsets, capacity = [0, 5, 70], [0, 9, 4], 90
+    cos, sin = torch.randn(10, dim, generator=gen), torch.randn(10, dim, generator=gen)
     keys = torch.zeros(n_layers, n_heads, capacity, dim, dtype=dtype)
     values = torch.zeros_like(keys)
-    kernels.assemble(keys, values, chunks, slots, cos, sin)
+    kernels.assemble(keys, values, chunks, slots, offsets, cos, sin)
     # the interpreter rounds fp32 → bf16 toward zero (CUDA rounds to nearest): one bf16 step apart
     tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-6)
-    for i, (c, slot) in enumerate(zip(chunks, slots)):
+    for c, slot, offset in zip(chunks, slots, offsets):
         torch.testing.assert_close(keys[:, :, slot:slot + c.length],
-                                   apply_rotation(c.keys, cos[i], sin[i]), **tol)
+                                   apply_rotation(c.keys, cos[offset], sin[offset]), **tol)
         assert torch.equal(values[:, :, slot:slot + c.length], c.values)
     assert not keys[:, :, 83:].any() and not values[:, :, 83:].any()
-    kernels.assemble(keys, values, chunks, slots, cos, sin, rotate=False)
+    kernels.assemble(keys, values, chunks, slots, offsets, cos, sin, rotate=False)
     assert torch.equal(keys[:, :, 5:70], chunks[1].keys)
     with pytest.raises(ValueError, match="capacity"):
-        kernels.assemble(keys, values, chunks, [0, 5, 80], cos, sin)
+        kernels.assemble(keys, values, chunks, [0, 5, 80], offsets, cos, sin)
+    with pytest.raises(ValueError, match="rotation table"):
+        kernels.assemble(keys, values, chunks, slots, [0, 9, 10], cos, sin)
+
+
+@pytest.mark.parametrize("heads,kv_heads,seq,n_cached,dim,splits", [
+    (4, 2, 8, 200, 64, 3),    # GQA, three splits merged
+    (9, 3, 5, 150, 64, None),  # the embedded model's grouping, default split
+    (4, 4, 3, 0, 16, 2),      # no context: the second split holds only masked keys for token 0
+    (4, 2, 6, 90, 48, 2),     # head dim not a power of two
+])
+def test_split_kv_attention_is_sdpa_with_a_lower_right_causal_mask(heads, kv_heads, seq, n_cached,
+                                                                    dim, splits):
+    from torch.nn.attention.bias import causal_lower_right
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(seq, heads, dim, generator=gen).transpose(0, 1)  # (H, T, D), strided as in use
+    keys, values = (torch.randn(kv_heads, n_cached + seq + 7, dim, generator=gen) for _ in range(2))
+    end = n_cached + seq
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q[None], keys[None, :, :end], values[None, :, :end], attn_mask=causal_lower_right(seq, end),
+        scale=0.1, enable_gqa=True)[0].transpose(0, 1).reshape(seq, -1)
+    got = kernels.attend(q, keys, values, n_cached, 0.1, splits)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def tiny_qwen2():

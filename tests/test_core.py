@@ -18,7 +18,7 @@ from kvp.generate import GenerationConfig
 from kvp.methods import get_method, make_context, run_method
 from kvp.packet import PacketStore, PacketWrapper, assemble, build_packet
 from kvp.recompute import recompute
-from kvp.rope import rerotate
+from kvp.rope import rerotate, rotation, rotation_table
 
 DOCS = [
     "Maria Lindqvist was born on 14 March 1987 in Gothenburg. She studied chemistry at Uppsala "
@@ -135,6 +135,13 @@ def test_rerotation_with_scaled_rope_and_gqa(rope):
     ids = torch.randint(0, 100, (20,))
     local, at = encode(model, input_ids=ids), encode(model, input_ids=ids, start=300)
     torch.testing.assert_close(rerotate(model, local.keys, 300)[0], at.keys[0], atol=1e-5, rtol=1e-4)
+    # the cached table's row Δ is rotation(Δ), bit for bit; it grows on demand; row 0 is identity
+    cos, sin = rotation_table(model, 300, "cpu")
+    assert len(cos) >= 300 and rotation_table(model, 10, "cpu")[0] is cos
+    want = rotation(model, torch.tensor([299, 7]))
+    assert torch.equal(cos[[299, 7]], want[0]) and torch.equal(sin[[299, 7]], want[1])
+    assert (cos[0] == 1).all() and (sin[0] == 0).all()
+    assert len(rotation_table(model, 5000, "cpu")[0]) >= 5000
 
 
 # ----------------------------------------------------------------------------- 4. methods

@@ -301,8 +301,9 @@ def copy_chunks(buf: KVBuffer, chunks: list, fused: bool = False) -> None:
     ``fused``: the same one-launch kernel with its rotation switched off."""
     slots = chunk_offsets([c.length for c in chunks])
     if fused:
-        identity = torch.zeros(len(chunks), buf.keys.shape[-1], device=buf.keys.device)
-        kernels.assemble(buf.keys, buf.values, chunks, slots, identity, identity, rotate=False)
+        unused = torch.zeros(1, buf.keys.shape[-1], device=buf.keys.device)  # no rotation read
+        kernels.assemble(buf.keys, buf.values, chunks, slots, [0] * len(chunks), unused, unused,
+                         rotate=False)
         return
     for chunk, slot in zip(chunks, slots):
         buf.keys[:, :, slot:slot + chunk.length].copy_(chunk.keys)

@@ -14,8 +14,9 @@ cache update copies the whole context once more. Here (SPEC §2, same maths):
   the buffer slots after the context and its queries attend through SDPA with a lower-right causal
   bias, so attention costs prompt × context (never context²) and nothing is copied; only the last
   position reaches the LM head. With ``fused=True``: q/k/v and gate/up are one GEMM each
-  (``fused_projections``: the model's Linear weights become views of the fused matrices) and the
-  element-wise steps run as compiled kernels (RoPE + the K/V store, SiLU·up, residual add + RMSNorm);
+  (``fused_projections``: the model's Linear weights become views of the fused matrices), the
+  element-wise steps run as compiled kernels (RoPE + the K/V store, SiLU·up, residual add + RMSNorm)
+  and attention is ``kvp.kernels.attend`` (split-KV, each KV head read once for its query group);
 * ``PromptGraph`` — ``prompt_step`` captured once as a CUDA graph for one (context length, prompt
   length) and replayed, removing the per-kernel launch overhead of the short prompt.
 
@@ -38,7 +39,7 @@ from kvp import kernels
 from kvp.cache import ChunkKV, check_cache_supported, chunk_offsets
 from kvp.packet import Packet
 from kvp.recompute import project_qkv
-from kvp.rope import apply_rotation, rotary_module, rotate_half, rotation
+from kvp.rope import apply_rotation, rotary_module, rotate_half, rotation_table
 
 
 @dataclass(frozen=True)
@@ -216,16 +217,14 @@ def assemble_into(model, buf: KVBuffer, preamble: ChunkKV, packets: list[Packet]
         raise ValueError(f"the context has {n_cached} cached tokens but the buffer holds "
                          f"{buf.capacity}; allocate KVBuffer with capacity >= context + prompt")
     offsets = chunk_offsets(spans)
-    cos, sin = rotation(model, torch.tensor(offsets), device=buf.keys.device)  # (chunks, D)
-    if offsets[0] == 0:  # the preamble stays where it is: an exact identity, whatever the scaling
-        cos[0], sin[0] = 1.0, 0.0
     slots = chunk_offsets([c.length for c in chunks])  # stored tokens back to back
+    cos, sin = rotation_table(model, offsets[-1] + 1, buf.keys.device)  # row Δ: rotation by Δ
     if fused:
-        kernels.assemble(buf.keys, buf.values, chunks, slots, cos, sin)
+        kernels.assemble(buf.keys, buf.values, chunks, slots, offsets, cos, sin)
         return n_cached, int(sum(spans))
-    for i, (chunk, slot) in enumerate(zip(chunks, slots)):
+    for chunk, slot, offset in zip(chunks, slots, offsets):
         end = slot + chunk.length  # one batched rotation over all layers and heads of this chunk
-        buf.keys[:, :, slot:end] = apply_rotation(chunk.keys, cos[i], sin[i])
+        buf.keys[:, :, slot:end] = apply_rotation(chunk.keys, cos[offset], sin[offset])
         buf.values[:, :, slot:end].copy_(chunk.values)
     return n_cached, int(sum(spans))
 
@@ -237,7 +236,8 @@ def prompt_step(model, buf: KVBuffer, n_cached: int, input_ids: torch.Tensor,
 
     Args:
         input_ids: (T,) prompt ids on the model's device; positions: (T,) their RoPE positions.
-        fused: compiled element-wise kernels (RMSNorm, RoPE, SiLU·up) instead of eager ops.
+        fused: fused q/k/v and gate/up GEMMs, compiled element-wise kernels and the Triton
+            attention instead of eager ops and SDPA (same maths).
     The prompt's K/V are written to slots ``n_cached..n_cached+T-1`` (the decoder-layer maths of
     llama / mistral / qwen2 / qwen3, with the model's own projections, as ``kvp.recompute``).
     """
@@ -251,7 +251,7 @@ def prompt_step(model, buf: KVBuffer, n_cached: int, input_ids: torch.Tensor,
     cos, sin = rotary_module(model)(hidden[None], positions[None])  # (1, T, hd)
     store = kernel(rope_store, fused)
     projections = fused_projections(model) if fused else None
-    bias = causal_lower_right(seq, end)  # prompt token i sees slots 0..n_cached+i
+    bias = causal_lower_right(seq, end)  # prompt token i sees slots 0..n_cached+i (SDPA path)
     layers = inner.layers
     x = layers[0].input_layernorm(hidden)
     for i, layer in enumerate(layers):
@@ -259,10 +259,13 @@ def prompt_step(model, buf: KVBuffer, n_cached: int, input_ids: torch.Tensor,
         q, k, v = project(attn, x, seq, weights)
         keys, values = buf.keys[i], buf.values[i]  # (H_kv, C, hd) views
         q = store(q, k, v, cos, sin, keys[:, n_cached:end], values[:, n_cached:end])  # (H, T, hd)
-        out = F.scaled_dot_product_attention(q[None], keys[None, :, :end], values[None, :, :end],
-                                             attn_mask=bias, scale=attn.scaling,
-                                             enable_gqa=True)[0]  # (H, T, hd)
-        out = attn.o_proj(out.transpose(0, 1).reshape(seq, -1))  # (T, d)
+        if fused:  # split-KV Triton attention: each KV head read once for its query group
+            out = kernels.attend(q, keys, values, n_cached, attn.scaling)  # (T, H·hd)
+        else:
+            out = F.scaled_dot_product_attention(q[None], keys[None, :, :end], values[None, :, :end],
+                                                 attn_mask=bias, scale=attn.scaling,
+                                                 enable_gqa=True)[0].transpose(0, 1).reshape(seq, -1)
+        out = attn.o_proj(out)  # (T, d)
         hidden, x = add_norm(hidden, out, layer.post_attention_layernorm, fused)
         next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else inner.norm
         hidden, x = add_norm(hidden, mlp(layer.mlp, x, weights), next_norm, fused)

@@ -5,9 +5,9 @@ Done chunk by chunk, that is at least two kernel launches per chunk plus the hos
 (which dominates at short contexts), and a compiled kernel with dynamic shapes reaches about a fifth
 of the memory bandwidth. Here one Triton kernel does it all: a small table gives each chunk's key /
 value addresses, length, buffer slot and strides, and each program moves ``BLOCK_T`` tokens of one
-(layer, head) of one chunk, reading the stored keys once and writing them rotated (fp32 maths,
-exactly ``kvp.rope.apply_rotation``: no fused multiply-add), so re-rotation costs no memory traffic
-beyond the copy assembly needs anyway.
+layer of one chunk, all heads, reading the stored keys once and writing them rotated (fp32 maths,
+exactly ``kvp.rope.apply_rotation``: no fused multiply-add) with the rotation read from a
+precomputed table, so re-rotation costs no memory traffic beyond the copy assembly needs anyway.
 
 On a CUDA device the kernel is compiled by Triton; on the CPU it runs in Triton's interpreter (for
 the tests, at small sizes: use the eager path of ``assemble_into`` for real CPU work).
@@ -19,67 +19,59 @@ from functools import cache
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the eager path (fused=False) works without Triton
+    triton = tl = None
+
 from kvp.cache import ChunkKV
 
-BLOCK_T = 64  # tokens per program
+BLOCK_T = 32  # tokens per program (each program moves them for every head of one layer)
 
 
-def _kernel_source():
-    """The kernel as a plain function (decorated per device in ``_kernel``)."""
-    import triton.language as tl
-
-    def assemble_kernel(table, blocks, cos, sin, dst_k, dst_v, dst_lh_stride, n_heads,
-                        HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                        D_P2: tl.constexpr, BLOCK: tl.constexpr, ROTATE: tl.constexpr):
-        block, lh = tl.program_id(0), tl.program_id(1)
-        layer, head = lh // n_heads, lh % n_heads
-        chunk = tl.load(blocks + 2 * block)
-        t = tl.load(blocks + 2 * block + 1) + tl.arange(0, BLOCK)  # token indices in the chunk
-        row = table + 8 * chunk  # k ptr, v ptr, length, slot, layer / head / token strides, pad
-        elem = dst_k.dtype.element_ty
-        src_k = tl.load(row).to(tl.pointer_type(elem))
-        src_v = tl.load(row + 1).to(tl.pointer_type(elem))
-        length, slot = tl.load(row + 2), tl.load(row + 3)
-        src_base = layer * tl.load(row + 4) + head * tl.load(row + 5)
-        tok = t[:, None] * tl.load(row + 6)
-        dst = (lh.to(tl.int64) * dst_lh_stride + (slot + t[:, None]) * HEAD_DIM)
-        rows_ok = t[:, None] < length
-
-        d = tl.arange(0, D_P2)[None, :]
-        ok = rows_ok & (d < HEAD_DIM)
-        tl.store(dst_v + dst + d, tl.load(src_v + src_base + tok + d, mask=ok), mask=ok)
-
-        h = tl.arange(0, HALF_P2)[None, :]
-        ok = rows_ok & (h < HALF)
-        k1 = tl.load(src_k + src_base + tok + h, mask=ok)
-        k2 = tl.load(src_k + src_base + tok + HALF + h, mask=ok)
-        if ROTATE:  # out = k·cos + rotate_half(k)·sin, with rotate_half(k) = [-k2, k1]
-            c1 = tl.load(cos + chunk * HEAD_DIM + h, mask=h < HALF)
-            c2 = tl.load(cos + chunk * HEAD_DIM + HALF + h, mask=h < HALF)
-            s1 = tl.load(sin + chunk * HEAD_DIM + h, mask=h < HALF)
-            s2 = tl.load(sin + chunk * HEAD_DIM + HALF + h, mask=h < HALF)
-            a, b = k1.to(tl.float32), k2.to(tl.float32)
-            k1 = (a * c1 - b * s1).to(elem)
-            k2 = (b * c2 + a * s2).to(elem)
-        tl.store(dst_k + dst + h, k1, mask=ok)
-        tl.store(dst_k + dst + HALF + h, k2, mask=ok)
-
-    return assemble_kernel
+def _assemble_kernel(table, blocks_at, cos, sin, dst_k, dst_v, n_heads, head_stride,
+                    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, D_P2: tl.constexpr,
+                    BLOCK: tl.constexpr, ROTATE: tl.constexpr):
+    block, layer = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    chunk = tl.load(table + blocks_at + 2 * block)
+    t = tl.load(table + blocks_at + 2 * block + 1) + tl.arange(0, BLOCK)[:, None]  # (BLOCK, 1)
+    row = table + 8 * chunk  # 8 int64 per chunk: k ptr, v ptr, length, slot, layer/head/token strides, offset
+    elem = dst_k.dtype.element_ty
+    src_k = tl.load(row).to(tl.pointer_type(elem))
+    src_v = tl.load(row + 1).to(tl.pointer_type(elem))
+    length, slot, head_step = tl.load(row + 2), tl.load(row + 3), tl.load(row + 5)
+    d = tl.arange(0, D_P2)[None, :]  # (1, D_P2)
+    ok = (t < length) & (d < HEAD_DIM)
+    src = layer * tl.load(row + 4) + t * tl.load(row + 6) + d
+    dst = layer * n_heads * head_stride + (slot + t) * HEAD_DIM + d
+    if ROTATE:  # out = k·cos + rotate_half(k)·sin, rotate_half(k) = [-k2, k1]: sign folded in sin
+        at = tl.load(row + 7) * HEAD_DIM + d
+        c = tl.load(cos + at, mask=d < HEAD_DIM)
+        s = tl.load(sin + at, mask=d < HEAD_DIM)
+        s = tl.where(d < HALF, -s, s)
+        partner = src + tl.where(d < HALF, HALF, -HALF)
+    for h in range(n_heads):
+        tl.store(dst_v + dst + h * head_stride, tl.load(src_v + src + h * head_step, mask=ok),
+                 mask=ok)
+        k = tl.load(src_k + src + h * head_step, mask=ok)
+        if ROTATE:
+            pair = tl.load(src_k + partner + h * head_step, mask=ok)
+            k = (k.to(tl.float32) * c + pair.to(tl.float32) * s).to(elem)
+        tl.store(dst_k + dst + h * head_stride, k, mask=ok)
 
 
 @cache
-def _kernel(interpret: bool):
-    try:
-        import triton
-    except ImportError as err:
-        raise RuntimeError("the one-launch assembly (fused=True) needs Triton: `pip install triton`, "
-                           "or assemble with fused=False") from err
-
+def _compiled(fn, interpret: bool):
+    """``fn`` as a Triton kernel: compiled for CUDA, or run by the interpreter (CPU tensors)."""
+    if triton is None:
+        raise RuntimeError("the fused KV Packet path needs Triton (`pip install triton`); "
+                           "or call it with fused=False")
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
 
-        return InterpretedFunction(_kernel_source())
-    return triton.jit(_kernel_source())
+        return InterpretedFunction(fn)
+    return triton.jit(fn)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int] | None:
@@ -90,25 +82,27 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int] | None:
 
 
 def assemble(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV], slots: list[int],
-             cos: torch.Tensor, sin: torch.Tensor, rotate: bool = True) -> None:
-    """Write each chunk into ``keys``/``values`` at its slot, keys rotated by its cos/sin row.
+             offsets: list[int], cos: torch.Tensor, sin: torch.Tensor, rotate: bool = True) -> None:
+    """Write each chunk into ``keys``/``values`` at its slot, its keys rotated by its offset.
 
     Args:
         keys, values: the buffer, (L, H_kv, C, D) contiguous.
         chunks: ChunkKV with keys/values (L, H_kv, S_i, D) in the buffer's dtype and device (any
             strides whose last dim is contiguous, keys and values alike: e.g. sliced packets).
-        slots: start slot of each chunk in the buffer.
-        cos, sin: (len(chunks), D) float32 rotation of each chunk (``kvp.rope.rotation``).
+        slots: start slot of each chunk in the buffer; offsets: the rotation of each (positions).
+        cos, sin: (P, D) float32 tables, row Δ the rotation by Δ (``kvp.rope.rotation_table``).
         rotate: False copies the keys unrotated (to time what rotation adds).
     """
     n_layers, n_heads, capacity, head_dim = keys.shape
     if not (keys.is_contiguous() and values.is_contiguous() and keys.shape == values.shape):
         raise ValueError("the buffer's keys and values must be contiguous tensors of one shape")
-    if cos.shape != (len(chunks), head_dim):
-        raise ValueError(f"cos/sin must be (chunks, head_dim) = ({len(chunks)}, {head_dim}), "
-                         f"got {tuple(cos.shape)}: the one-launch kernel needs full rotary dims")
+    if cos.shape[-1] != head_dim or head_dim % 2:
+        raise ValueError(f"rotation tables of width {cos.shape[-1]} for head dim {head_dim}: the "
+                         "one-launch kernel needs a full, even rotary dim; use fused=False")
+    if max(offsets) >= len(cos):
+        raise ValueError(f"offset {max(offsets)} is past the rotation table ({len(cos)} rows)")
     rows, blocks = [], []
-    for i, (chunk, slot) in enumerate(zip(chunks, slots)):
+    for i, (chunk, slot, offset) in enumerate(zip(chunks, slots, offsets)):
         k, v = chunk.keys, chunk.values
         stride = _strides(k)
         if stride is None or _strides(v) != stride:
@@ -117,20 +111,150 @@ def assemble(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV], sl
         if slot + chunk.length > capacity:
             raise ValueError(f"chunk {i} ends at slot {slot + chunk.length}, past the buffer's "
                              f"capacity {capacity}")
-        rows.append([k.data_ptr(), v.data_ptr(), chunk.length, slot, *stride, 0])
-        blocks += [(i, t0) for t0 in range(0, chunk.length, BLOCK_T)]
+        rows += [k.data_ptr(), v.data_ptr(), chunk.length, slot, *stride, offset]  # 8 per chunk
+        blocks += [x for t0 in range(0, chunk.length, BLOCK_T) for x in (i, t0)]
     device = keys.device
-    pin = device.type == "cuda"
-    table = torch.tensor(rows, dtype=torch.int64, pin_memory=pin).to(device, non_blocking=True)
-    block_table = torch.tensor(blocks, dtype=torch.int32, pin_memory=pin).to(device, non_blocking=True)
-    half = head_dim // 2
-    grid = (len(blocks), n_layers * n_heads)
-    _kernel(device.type != "cuda")[grid](
-        table, block_table, cos.float().contiguous(), sin.float().contiguous(), keys, values,
-        capacity * head_dim, n_heads, HEAD_DIM=head_dim, HALF=half,
-        HALF_P2=_pow2(half), D_P2=_pow2(head_dim), BLOCK=BLOCK_T, ROTATE=rotate,
+    pin = device.type == "cuda"  # one small host → device copy that does not wait for the GPU
+    table = torch.tensor(rows + blocks, dtype=torch.int64, pin_memory=pin).to(device, non_blocking=True)
+    grid = (len(blocks) // 2, n_layers)
+    _compiled(_assemble_kernel, device.type != "cuda")[grid](
+        table, len(rows), cos, sin, keys, values, n_heads, capacity * head_dim,
+        HEAD_DIM=head_dim, HALF=head_dim // 2, D_P2=_pow2(head_dim), BLOCK=BLOCK_T, ROTATE=rotate,
         **({"enable_fp_fusion": False} if device.type == "cuda" else {}))
 
 
 def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
+
+
+# --------------------------------------------------------------------------- prompt attention
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+def _add(a, b):
+    return a + b
+
+
+if triton is not None:  # reduction combiners (plain ``tl.reduce`` also runs in the interpreter)
+    _maximum, _add = triton.jit(_maximum), triton.jit(_add)
+
+
+def _partial_kernel(q, keys, values, part_acc, part_m, part_l, n_keys, n_cached, per_split,
+                   q_head_stride, q_tok_stride, kv_head_stride, scale,
+                   T: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # one program: the G query heads sharing kv head `kvh` (rows r = g·T + i), a row block,
+    # and the keys of one split; online softmax in base 2, masked lower-right causally
+    kvh, split, rb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    g, i = r // T, r % T
+    row_ok = r < G * T
+    d = tl.arange(0, D_P2)
+    d_ok = d < HEAD_DIM
+    qh = kvh * G + g
+    query = tl.load(q + qh[:, None] * q_head_stride + i[:, None] * q_tok_stride + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    base = kvh.to(tl.int64) * kv_head_stride
+    start = split * per_split
+    stop = tl.minimum(start + per_split, n_keys)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.full((BLOCK_M,), 0.0, tl.float32)
+    acc = tl.full((BLOCK_M, D_P2), 0.0, tl.float32)
+    for n0 in range(start, stop, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        k = tl.load(keys + base + j[None, :] * HEAD_DIM + d[:, None],
+                    mask=(j[None, :] < stop) & d_ok[:, None], other=0.0)
+        s = tl.dot(query, k) * scale  # (BLOCK_M, BLOCK_N), scale includes log2(e)
+        s = tl.where((j[None, :] < stop) & (j[None, :] <= n_cached + i[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m, tl.reduce(s, 1, _maximum))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m - m_ref)
+        v = tl.load(values + base + j[:, None] * HEAD_DIM + d[None, :],
+                    mask=(j[:, None] < stop) & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l = l * alpha + tl.reduce(p, 1, _add)
+        m = m_new
+    at = (kvh * tl.num_programs(1) + split) * G * T + r
+    tl.store(part_m + at, m, mask=row_ok)
+    tl.store(part_l + at, l, mask=row_ok)
+    tl.store(part_acc + at[:, None] * D_P2 + d[None, :], acc, mask=row_ok[:, None])
+
+def _merge_kernel(part_acc, part_m, part_l, out, n_splits, out_tok_stride,
+                 T: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    # out[i, (kvh·G + g)·D + d] = Σ_s 2^(m_s − M) acc_s / Σ_s 2^(m_s − M) l_s
+    kvh, rb = tl.program_id(0), tl.program_id(1)
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = r < G * T
+    d = tl.arange(0, D_P2)
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l = tl.full((BLOCK_R,), 0.0, tl.float32)
+    acc = tl.full((BLOCK_R, D_P2), 0.0, tl.float32)
+    for split in range(n_splits):
+        at = (kvh * n_splits + split) * G * T + r
+        m_s = tl.load(part_m + at, mask=row_ok, other=float("-inf"))
+        m_new = tl.maximum(m, m_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a, b = tl.exp2(m - m_ref), tl.exp2(m_s - m_ref)
+        l = l * a + tl.load(part_l + at, mask=row_ok, other=0.0) * b
+        acc = acc * a[:, None] + tl.load(part_acc + at[:, None] * D_P2 + d[None, :],
+                                         mask=row_ok[:, None], other=0.0) * b[:, None]
+        m = m_new
+    g, i = r // T, r % T
+    dst = i[:, None] * out_tok_stride + (kvh * G + g)[:, None] * HEAD_DIM + d[None, :]
+    l = tl.where(row_ok, l, 1.0)  # rows past the end are not stored
+    tl.store(out + dst, (acc / l[:, None]).to(out.dtype.element_ty),
+             mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
+
+
+LOG2E = 1.4426950408889634
+BLOCK_N = 64
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_cached: int,
+           scale: float, n_splits: int | None = None) -> torch.Tensor:
+    """Attention of the prompt's queries over the first ``n_cached + T`` buffer slots, lower-right
+    causal (prompt token i sees slots 0..n_cached+i): SDPA's result, in two launches.
+
+    The G = H / H_kv query heads that share a KV head are one block of rows, so every key and
+    value is read once (not G times), and the keys are cut into ``n_splits`` ranges done in
+    parallel (default: about two programs per SM) whose partial softmaxes are merged exactly.
+
+    Args:
+        q: (H, T, D) rotated queries (last dim contiguous); keys, values: (H_kv, C, D) contiguous,
+           the prompt's own K/V already at slots n_cached..n_cached+T-1.
+    Returns:
+        (T, H·D) in q's dtype: the heads side by side, ready for ``o_proj``.
+    """
+    n_heads, seq, dim = q.shape
+    n_kv, capacity, _ = keys.shape
+    n_keys = n_cached + seq
+    if n_keys > capacity or n_heads % n_kv or q.stride(-1) != 1:
+        raise ValueError(f"attend needs q (H, T, D) with H a multiple of H_kv, "
+                         f"and n_cached + T <= capacity; got q {tuple(q.shape)}, keys "
+                         f"{tuple(keys.shape)}, n_cached {n_cached}")
+    group = n_heads // n_kv
+    rows = group * seq
+    block_m = max(16, min(128, _pow2(rows)))
+    row_blocks = -(-rows // block_m)
+    if n_splits is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        n_splits = max(1, min(-(-n_keys // (4 * BLOCK_N)), -(-2 * sms // (n_kv * row_blocks))))
+    per_split = -(-n_keys // n_splits // BLOCK_N) * BLOCK_N or BLOCK_N
+    n_splits = -(-n_keys // per_split)
+    part_acc = torch.empty(n_kv * n_splits * rows, _pow2(dim), dtype=torch.float32, device=q.device)
+    part_m = torch.empty(n_kv * n_splits * rows, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    out = torch.empty(seq, n_heads * dim, dtype=q.dtype, device=q.device)
+    partial, merge = (_compiled(fn, not q.is_cuda) for fn in (_partial_kernel, _merge_kernel))
+    launch = {"num_warps": 8} if q.is_cuda else {}
+    partial[(n_kv, n_splits, row_blocks)](
+        q, keys, values, part_acc, part_m, part_l, n_keys, n_cached, per_split,
+        q.stride(0), q.stride(1), capacity * dim, scale * LOG2E,
+        T=seq, G=group, HEAD_DIM=dim, D_P2=_pow2(dim), BLOCK_M=block_m, BLOCK_N=BLOCK_N, **launch)
+    block_r = 16
+    merge[(n_kv, -(-rows // block_r))](part_acc, part_m, part_l, out, n_splits, n_heads * dim,
+                                        T=seq, G=group, HEAD_DIM=dim, D_P2=_pow2(dim), BLOCK_R=block_r)
+    return out

@@ -43,6 +43,22 @@ def rotation(model, delta: torch.Tensor, device: torch.device | None = None
     return cos[0].float() / scale, sin[0].float() / scale
 
 
+@torch.no_grad()
+def rotation_table(model, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (P, head_dim) float32 of rotations by 0..P-1 positions, P ≥ n (``rotation`` of
+    ``arange(P)``; row 0 the exact identity). Built once per model and device, grown by doubling,
+    so re-rotating a chunk by Δ reads row Δ instead of evaluating the rotary module."""
+    tables = model.__dict__.setdefault("_kvp_rotation_tables", {})
+    device = torch.device(device)
+    cos, sin = tables.get(str(device), (None, None))
+    if cos is None or len(cos) < n:
+        size = 1 << max(n - 1, 1023).bit_length()
+        cos, sin = rotation(model, torch.arange(size), device=device)
+        cos[0], sin[0] = 1.0, 0.0
+        tables[str(device)] = cos, sin
+    return cos, sin
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """(…, D) → (…, D): [-x2, x1] with x1, x2 the two halves (the HF RoPE convention)."""
     x1, x2 = x.chunk(2, dim=-1)
