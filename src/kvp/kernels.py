@@ -210,7 +210,10 @@ def _merge_kernel(part_acc, part_m, part_l, out, n_splits, out_tok_stride,
 
 
 LOG2E = 1.4426950408889634
-BLOCK_N = 64
+BLOCK_N = 64  # keys per step of the online softmax
+SPLIT_KEYS = 256  # at least this many keys per split: the partial results stay small beside them
+PROGRAMS_PER_SM = 1
+MERGE_ROWS = 4  # rows per program of the merge
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_cached: int,
@@ -239,9 +242,10 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_cached: 
     rows = group * seq
     block_m = max(16, min(128, _pow2(rows)))
     row_blocks = -(-rows // block_m)
-    if n_splits is None:
+    if n_splits is None:  # enough programs to fill the SMs, enough keys per program to amortise
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        n_splits = max(1, min(-(-n_keys // (4 * BLOCK_N)), -(-2 * sms // (n_kv * row_blocks))))
+        n_splits = max(1, min(-(-n_keys // SPLIT_KEYS),
+                              -(-PROGRAMS_PER_SM * sms // (n_kv * row_blocks))))
     per_split = -(-n_keys // n_splits // BLOCK_N) * BLOCK_N or BLOCK_N
     n_splits = -(-n_keys // per_split)
     part_acc = torch.empty(n_kv * n_splits * rows, _pow2(dim), dtype=torch.float32, device=q.device)
@@ -254,7 +258,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_cached: 
         q, keys, values, part_acc, part_m, part_l, n_keys, n_cached, per_split,
         q.stride(0), q.stride(1), capacity * dim, scale * LOG2E,
         T=seq, G=group, HEAD_DIM=dim, D_P2=_pow2(dim), BLOCK_M=block_m, BLOCK_N=BLOCK_N, **launch)
-    block_r = 16
-    merge[(n_kv, -(-rows // block_r))](part_acc, part_m, part_l, out, n_splits, n_heads * dim,
-                                        T=seq, G=group, HEAD_DIM=dim, D_P2=_pow2(dim), BLOCK_R=block_r)
+    merge[(n_kv, -(-rows // MERGE_ROWS))](part_acc, part_m, part_l, out, n_splits, n_heads * dim,
+                                           T=seq, G=group, HEAD_DIM=dim, D_P2=_pow2(dim),
+                                           BLOCK_R=MERGE_ROWS)
     return out
