@@ -121,7 +121,8 @@ def test_one_launch_assembly_is_the_eager_rotation_and_copy(dtype):
         return ChunkKV(*(torch.randn(n_layers, n_heads, length, dim, generator=gen).to(dtype)
                          for _ in range(2)))
 
-    chunks = [chunk(5), chunk(70).slice(2, 67), chunk(13)]  # 65 tokens: two blocks, one partial
+    strided = chunk(20).slice(0, 13)  # keys strided, values contiguous: both copied first
+    chunks = [chunk(5), chunk(70).slice(2, 67), ChunkKV(strided.keys, strided.values.contiguous())]
     slots, offsets, capacity = [0, 5, 70], [0, 9, 4], 90
     cos, sin = torch.randn(10, dim, generator=gen), torch.randn(10, dim, generator=gen)
     keys = torch.zeros(n_layers, n_heads, capacity, dim, dtype=dtype)
@@ -140,6 +141,8 @@ def test_one_launch_assembly_is_the_eager_rotation_and_copy(dtype):
         kernels.assemble(keys, values, chunks, [0, 5, 80], offsets, cos, sin)
     with pytest.raises(ValueError, match="rotation table"):
         kernels.assemble(keys, values, chunks, slots, [0, 9, 10], cos, sin)
+    with pytest.raises(ValueError, match="encode packets with the buffer's model"):
+        kernels.assemble(keys.double(), values.double(), chunks, slots, offsets, cos, sin)
 
 
 @pytest.mark.parametrize("heads,kv_heads,seq,n_cached,dim,splits", [

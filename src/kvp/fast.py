@@ -154,7 +154,8 @@ def _fuse(linears: list[torch.nn.Module], bias: bool) -> tuple[torch.Tensor, tor
 def fused_projections(model) -> list[FusedLayer] | None:
     """Per layer, q/k/v and gate/up as one matrix each, built once; None if the projections are
     not plain ``nn.Linear`` layers (e.g. quantized). The model's own Linear weights become views
-    of the fused matrices, so no memory is added and the model computes exactly as before."""
+    of the fused matrices, so no memory is added and the model computes exactly as before (to save
+    the model afterwards, note that q/k/v and gate/up then share storage)."""
     layers = model.model.layers
     fused = getattr(model, "_kvp_fused_projections", None)
     if fused is not None and all(f.bound_to(layer) for f, layer in zip(fused, layers)):

@@ -36,7 +36,8 @@ def _assemble_kernel(table, blocks_at, cos, sin, dst_k, dst_v, n_heads, head_str
     block, layer = tl.program_id(0), tl.program_id(1).to(tl.int64)
     chunk = tl.load(table + blocks_at + 2 * block)
     t = tl.load(table + blocks_at + 2 * block + 1) + tl.arange(0, BLOCK)[:, None]  # (BLOCK, 1)
-    row = table + 8 * chunk  # 8 int64 per chunk: k ptr, v ptr, length, slot, layer/head/token strides, offset
+    # 8 int64 per chunk: k ptr, v ptr, length, slot, layer / head / token strides, rotation offset
+    row = table + 8 * chunk
     elem = dst_k.dtype.element_ty
     src_k = tl.load(row).to(tl.pointer_type(elem))
     src_v = tl.load(row + 1).to(tl.pointer_type(elem))
@@ -101,9 +102,12 @@ def assemble(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV], sl
                          "one-launch kernel needs a full, even rotary dim; use fused=False")
     if max(offsets) >= len(cos):
         raise ValueError(f"offset {max(offsets)} is past the rotation table ({len(cos)} rows)")
-    rows, blocks = [], []
+    rows, blocks, sources = [], [], []
     for i, (chunk, slot, offset) in enumerate(zip(chunks, slots, offsets)):
         k, v = chunk.keys, chunk.values
+        if k.dtype != keys.dtype or k.device != keys.device:
+            raise ValueError(f"chunk {i} is {k.dtype} on {k.device}, the buffer {keys.dtype} on "
+                             f"{keys.device}: encode packets with the buffer's model")
         stride = _strides(k)
         if stride is None or _strides(v) != stride:
             k, v = k.contiguous(), v.contiguous()
@@ -112,6 +116,7 @@ def assemble(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV], sl
             raise ValueError(f"chunk {i} ends at slot {slot + chunk.length}, past the buffer's "
                              f"capacity {capacity}")
         rows += [k.data_ptr(), v.data_ptr(), chunk.length, slot, *stride, offset]  # 8 per chunk
+        sources += [k, v]  # alive until the launch (a contiguous copy is only referenced here)
         blocks += [x for t0 in range(0, chunk.length, BLOCK_T) for x in (i, t0)]
     device = keys.device
     pin = device.type == "cuda"  # one small host → device copy that does not wait for the GPU
