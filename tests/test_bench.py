@@ -6,6 +6,7 @@ No timing is asserted: only equivalence, the CSV schema and the analysis helpers
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,9 @@ SMALL_LLAMA = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=512,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1024)
 REQUIRED = ["device", "model", "method", "context_tokens", "n_docs", "ttft_ms", "floor_ms", "flops",
             "peak_mem_bytes"]
+# Triton kernels run in Triton's interpreter on the CPU (installed with the test extra on Linux)
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="Triton is not installed (no wheels for this platform)")
 TINY = BenchConfig(context_tokens=(160,), n_docs=(2, 3), n_docs_default=2, n_docs_context=160,
                    preamble_tokens=16, prompt_tokens=8, methods=(("full_recompute", {}),
                                                                  ("kv_packet", {})),
@@ -110,6 +114,7 @@ def test_elementwise_kernels_are_the_model_modules_maths(which, request):
     assert torch.equal(v_out, v) and torch.equal(mlp(m, x, None), m(x))
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_launch_assembly_is_the_eager_rotation_and_copy(dtype):
     """The Triton assembly kernel (run by Triton's interpreter on the CPU) against
@@ -145,6 +150,7 @@ def test_one_launch_assembly_is_the_eager_rotation_and_copy(dtype):
         kernels.assemble(keys.double(), values.double(), chunks, slots, offsets, cos, sin)
 
 
+@needs_triton
 @pytest.mark.parametrize("heads,kv_heads,seq,n_cached,dim,splits", [
     (4, 2, 8, 200, 64, 3),    # GQA, three splits merged
     (9, 3, 5, 150, 64, None),  # the embedded model's grouping, default split
@@ -176,6 +182,7 @@ def tiny_qwen2():
     return Qwen2ForCausalLM(cfg).eval()
 
 
+@needs_triton
 @pytest.mark.parametrize("arch", ["arch:llama-3.1-8b", "arch:qwen3-4b", "qwen2"])
 def test_fused_query_gives_the_plain_first_logits(arch):
     """``fused=True`` on the CPU: one-launch assembly (interpreted), fused q/k/v and gate/up GEMMs
