@@ -1,16 +1,20 @@
-"""KV Packet assembly in one kernel launch: every chunk's keys re-rotated and values copied.
+"""Triton kernels of the fused KV Packet query step (``kvp.fast`` with ``fused=True``).
 
-``kvp.fast.assemble_into`` writes ``[preamble][packet 1]…[packet N]`` into a preallocated buffer.
-Done chunk by chunk, that is at least two kernel launches per chunk plus the host work around each
-(which dominates at short contexts), and a compiled kernel with dynamic shapes reaches about a fifth
-of the memory bandwidth. Here one Triton kernel does it all: a small table gives each chunk's key /
-value addresses, length, buffer slot and strides, and each program moves ``BLOCK_T`` tokens of one
-layer of one chunk, all heads, reading the stored keys once and writing them rotated (fp32 maths,
-exactly ``kvp.rope.apply_rotation``: no fused multiply-add) with the rotation read from a
-precomputed table, so re-rotation costs no memory traffic beyond the copy assembly needs anyway.
+``assemble`` — the whole assembly in one launch. ``kvp.fast.assemble_into`` writes
+``[preamble][packet 1]…[packet N]`` into a preallocated buffer; done chunk by chunk that is at
+least two kernel launches per chunk plus the host work around each (which dominates at short
+contexts), and a compiled kernel with dynamic shapes reaches about a fifth of the memory bandwidth.
+Here a small table gives each chunk's key / value addresses, length, buffer slot and strides, and
+each program moves ``BLOCK_T`` tokens of one layer of one chunk, all heads, reading the stored keys
+once and writing them rotated (fp32 maths, exactly ``kvp.rope.apply_rotation``: no fused
+multiply-add) with the rotation read from a precomputed table, so re-rotation costs no memory
+traffic beyond the copy assembly needs anyway.
 
-On a CUDA device the kernel is compiled by Triton; on the CPU it runs in Triton's interpreter (for
-the tests, at small sizes: use the eager path of ``assemble_into`` for real CPU work).
+``attend`` — the prompt's attention over the buffer, split over key ranges (flash-decoding style)
+with the query heads of a GQA group in one block, so each key and value is read once.
+
+On a CUDA device the kernels are compiled by Triton; on the CPU they run in Triton's interpreter
+(for the tests, at small sizes: use ``fused=False`` for real CPU work).
 """
 
 from __future__ import annotations
