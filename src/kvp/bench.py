@@ -7,9 +7,10 @@ to the first token's logits) is run ``warmup`` times, then repeatedly; the media
 Packet is also timed on the optimised path of ``kvp.fast`` (``variant`` "fast": preallocated
 buffer, re-rotation on the way into it, lean SDPA prompt step, eager kernels; "fast+graph": the
 prompt step as a CUDA graph; "fast+graph+fused": also the one-launch Triton assembly, fused
-q/k/v and gate/up GEMMs and compiled element-wise kernels), whose first-token logits are compared with the plain path's in the
-same run. ``assembly_ms`` times the assembly alone; ``rotation_ms`` is what re-rotation adds to it:
-the assembly minus the same copies without rotation.
+q/k/v and gate/up GEMMs, compiled element-wise kernels and the split-KV Triton attention), whose
+first-token logits are compared with the plain path's in the same run. ``assembly_ms`` times the
+assembly alone; ``rotation_ms`` is what re-rotation adds to it: the assembly minus the same copies
+without rotation.
 
 Floors: ``floor_mem_ms`` = (weights read once + the method's cached KV) / measured device
 bandwidth (a large device-to-device copy); ``floor_flops_ms`` = analytic FLOPs / measured bf16
@@ -301,7 +302,7 @@ def copy_chunks(buf: KVBuffer, chunks: list, fused: bool = False) -> None:
     ``fused``: the same one-launch kernel with its rotation switched off."""
     slots = chunk_offsets([c.length for c in chunks])
     if fused:
-        unused = torch.zeros(1, buf.keys.shape[-1], device=buf.keys.device)  # no rotation read
+        unused = torch.empty(1, buf.keys.shape[-1], device=buf.keys.device)  # never read
         kernels.assemble(buf.keys, buf.values, chunks, slots, [0] * len(chunks), unused, unused,
                          rotate=False)
         return

@@ -175,21 +175,6 @@ def fused_projections(model) -> list[FusedLayer] | None:
     return fused
 
 
-def project(attn, x: torch.Tensor, seq: int, fused: FusedLayer | None
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(T, d) normed hidden → q (H, T, hd), k and v (H_kv, T, hd): ``project_qkv``, or one GEMM
-    with the fused matrix."""
-    if fused is None:
-        return project_qkv(attn, x, seq)
-    hd = attn.head_dim
-    n_kv = attn.k_proj.weight.shape[0]
-    q, k, v = F.linear(x, fused.qkv, fused.qkv_bias).split([fused.qkv.shape[0] - 2 * n_kv, n_kv, n_kv], -1)
-    q, k, v = q.view(seq, -1, hd), k.view(seq, -1, hd), v.view(seq, -1, hd)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-
-
 def mlp(module: torch.nn.Module, x: torch.Tensor, fused: FusedLayer | None) -> torch.Tensor:
     """The gated MLP ``down(act(gate(x)) · up(x))``; with ``fused`` one gate·up GEMM and one
     compiled SiLU·up kernel."""
@@ -257,7 +242,7 @@ def prompt_step(model, buf: KVBuffer, n_cached: int, input_ids: torch.Tensor,
     x = layers[0].input_layernorm(hidden)
     for i, layer in enumerate(layers):
         attn, weights = layer.self_attn, projections[i] if projections else None
-        q, k, v = project(attn, x, seq, weights)
+        q, k, v = project_qkv(attn, x, seq, (weights.qkv, weights.qkv_bias) if weights else None)
         keys, values = buf.keys[i], buf.values[i]  # (H_kv, C, hd) views
         q = store(q, k, v, cos, sin, keys[:, n_cached:end], values[:, n_cached:end])  # (H, T, hd)
         if fused:  # split-KV Triton attention: each KV head read once for its query group

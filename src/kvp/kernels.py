@@ -132,6 +132,11 @@ def assemble(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV], sl
         **({"enable_fp_fusion": False} if device.type == "cuda" else {}))
 
 
+@cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -252,9 +257,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_cached: 
     block_m = max(16, min(128, _pow2(rows)))
     row_blocks = -(-rows // block_m)
     if n_splits is None:  # enough programs to fill the SMs, enough keys per program to amortise
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         n_splits = max(1, min(-(-n_keys // SPLIT_KEYS),
-                              -(-PROGRAMS_PER_SM * sms // (n_kv * row_blocks))))
+                              -(-PROGRAMS_PER_SM * _sm_count(q.device) // (n_kv * row_blocks))))
     per_split = -(-n_keys // n_splits // BLOCK_N) * BLOCK_N or BLOCK_N
     n_splits = -(-n_keys // per_split)
     part_acc = torch.empty(n_kv * n_splits * rows, _pow2(dim), dtype=torch.float32, device=q.device)

@@ -35,12 +35,20 @@ class RecomputeTrace:
     attention: list[torch.Tensor] | None = None
 
 
-def project_qkv(attn, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(n, d) normed hidden → q (H, n, hd), k and v (H_kv, n, hd), q/k norm applied if present."""
+def project_qkv(attn, x: torch.Tensor, n: int,
+                fused: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, d) normed hidden → q (H, n, hd), k and v (H_kv, n, hd), q/k norm applied if present.
+
+    ``fused``: (weight, bias) of q/k/v stacked (``kvp.fast.fused_projections``), one GEMM instead
+    of the three projections."""
     hd = attn.head_dim
-    q = attn.q_proj(x).view(n, -1, hd)  # (n, H, hd)
-    k = attn.k_proj(x).view(n, -1, hd)  # (n, H_kv, hd)
-    v = attn.v_proj(x).view(n, -1, hd)
+    if fused is None:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    else:
+        n_kv = attn.k_proj.weight.shape[0]
+        q, k, v = F.linear(x, *fused).split([fused[0].shape[0] - 2 * n_kv, n_kv, n_kv], -1)
+    q, k, v = q.view(n, -1, hd), k.view(n, -1, hd), v.view(n, -1, hd)  # (n, H or H_kv, hd)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
