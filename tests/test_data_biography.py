@@ -24,16 +24,20 @@ def test_known_sample_is_stable_across_machines():
         "biography-test-42-0", "What is the birthplace of Fernanda Estrada?", ["Sofia"])
 
 
-def test_train_and_test_people_are_disjoint():
+def test_train_val_and_test_people_are_disjoint():
+    splits = ("train", "val", "test")
     names = {split: {name for s in load_dataset("biography", split, n=150, seed=1)
-                     for name in s.meta["names"]} for split in ("train", "test")}
+                     for name in s.meta["names"]} for split in splits}
     assert not names["train"] & names["test"]
-    for split in ("train", "test"):
+    assert not names["val"] & (names["train"] | names["test"])
+    for split in splits:
         assert all(person_split(name) == split for name in names[split])
-    # the partition of all first x last names is close to 50/50
+    # all first x last names: half test; of the other half one in eight are validation people
     first, last = resource_lines("first_names.txt"), resource_lines("last_names.txt")
     pairs = [f"{f} {g}" for f in first for g in last]
-    assert 0.48 < sum(person_split(p) == "train" for p in pairs) / len(pairs) < 0.52
+    share = {split: sum(person_split(p) == split for p in pairs) / len(pairs) for split in splits}
+    assert 0.48 < share["test"] < 0.52
+    assert 0.05 < share["val"] < 0.075
 
 
 def test_documents_are_distinct_people_in_slot_order():

@@ -7,12 +7,15 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import torch
 
 from kvp import train as train_mod
 from kvp.packet import PacketWrapper
-from kvp.train import TrainConfig, mean_loss, teacher_examples, train, training_samples
+from kvp.blockmask import block_forward, block_forward_batch
+from kvp.train import (TrainConfig, initial_wrapper, learning_rate, mean_loss, teacher_examples,
+                       token_init_ids, train, training_samples, validation_loss)
 
 TINY = dict(n_samples=4, batch_size=2, epochs=2, num_docs=(2,), h=2, t=2, max_new_tokens=6,
             top_k=32, lr=1e-2, checkpoint_every=1, seed=3)
@@ -99,14 +102,14 @@ def test_resume_with_other_config_names_fields(smollm, examples, tmp_path):
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(smollm, examples, tmp_path, monkeypatch):
     model, tokenizer, _ = smollm
     config, _, ex = examples
-    real, calls = train_mod.distillation_loss, []
+    real, calls = train_mod.batch_losses, []
 
     def flaky(*args):
         calls.append(1)
-        loss = real(*args)
-        return loss * float("nan") if len(calls) > 4 else loss  # step 3's first sample
+        losses = real(*args)
+        return [x * float("nan") for x in losses] if len(calls) > 4 else losses  # step 3, sample 1
 
-    monkeypatch.setattr(train_mod, "distillation_loss", flaky)
+    monkeypatch.setattr(train_mod, "batch_losses", flaky)
     with pytest.raises(FloatingPointError, match="at step 3"):
         train(model, tokenizer, config, tmp_path / "n", progress=False, examples=ex)
     state = torch.load(tmp_path / "n" / "checkpoint.pt", weights_only=False)
@@ -118,3 +121,63 @@ def test_bad_configs_are_refused():
         TrainConfig(n_samples=4, batch_size=8)
     with pytest.raises(ValueError, match="loss='mse'"):
         TrainConfig(loss="mse")
+
+
+def test_padded_batch_forward_equals_one_sequence_at_a_time(smollm, examples):
+    model, _, _ = smollm
+    _, _, ex = examples
+    wrapper = PacketWrapper.init_from_embeddings(model, 2, 2, seed=5)
+    shortest = min(len(e.task) + len(e.answer) for e in ex)
+    items = [(e.preamble, e.docs[:i + 1], torch.cat([e.task, e.answer])) for i, e in enumerate(ex)]
+    assert len({sum(map(len, docs)) for _, docs, _ in items}) > 1  # really padded
+    batched = block_forward_batch(model, items, wrapper, keep=shortest)
+    for row, item in zip(batched, items):
+        alone, _, _ = block_forward(model, *item, wrapper)
+        torch.testing.assert_close(row, alone[-shortest:], atol=2e-4, rtol=1e-4)
+
+
+def test_micro_batches_train_the_same_wrapper(smollm, examples, tmp_path):
+    model, tokenizer, _ = smollm
+    config, _, ex = examples
+    one = train(model, tokenizer, config, tmp_path / "one", progress=False, examples=ex, plot=False)
+    two = train(model, tokenizer, TrainConfig(**{**TINY, "micro_batch": 2}), tmp_path / "two",
+                progress=False, examples=ex, plot=False)
+    torch.testing.assert_close(two.wrapper.header, one.wrapper.header, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(two.wrapper.trailer, one.wrapper.trailer, atol=1e-4, rtol=1e-3)
+
+
+def test_validation_selects_the_checkpoint_with_lowest_validation_loss(smollm, examples, tmp_path):
+    model, tokenizer, _ = smollm
+    _, cache, ex = examples
+    config = TrainConfig(**{**TINY, "n_val": 2, "eval_every": 1, "epochs": 3, "lr": 0.3})
+    val = teacher_examples(model, tokenizer, training_samples(config, "val"), config, cache,
+                           progress=False)
+    assert {s.meta["split"] for s in training_samples(config, "val")} == {"val"}
+    result = train(model, tokenizer, config, tmp_path / "v", progress=False, examples=ex,
+                   val_examples=val, plot=True)
+    curve = pd.read_csv(tmp_path / "v" / "loss.csv")
+    assert curve["val_loss"].notna().sum() == config.total_steps
+    best = curve.loc[curve["val_loss"].idxmin()]
+    assert result.record["best_step"] == best["step"]
+    assert result.record["best_val_loss"] == pytest.approx(best["val_loss"])
+    again = validation_loss(model, PacketWrapper.load(tmp_path / "v" / "wrapper.safetensors"), val)
+    assert again["loss"] == pytest.approx(best["val_loss"], rel=1e-4)  # the saved one is the best
+    assert 0 < again["first"] <= again["loss"]
+    assert 0 <= result.record["teacher_truncated"] <= 1
+
+
+def test_token_init_and_scaled_learning_rate(smollm):
+    model, tokenizer, _ = smollm
+    config = TrainConfig(h=3, t=2, init="tokens", lr=2.0, lr_scale="embed_std")
+    wrapper = initial_wrapper(model, tokenizer, config)
+    weight = model.get_input_embeddings().weight.detach().float()
+    ids = token_init_ids(tokenizer, 3, "header")
+    assert ids[0] == (tokenizer.bos_token_id if tokenizer.bos_token_id is not None
+                      else tokenizer.eos_token_id)
+    assert token_init_ids(tokenizer, 3, "trailer")[-1] == tokenizer.eos_token_id
+    gap = (wrapper.header.detach() - weight[ids]).norm(dim=-1)
+    assert (gap < 0.2 * weight[ids].norm(dim=-1)).all()  # close to the tokens, not equal
+    assert (gap > 0).all()
+    assert learning_rate(model, config) == pytest.approx(2.0 * weight.std().item())
+    with pytest.raises(ValueError, match="init='zeros'"):
+        TrainConfig(init="zeros")

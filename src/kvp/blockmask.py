@@ -99,3 +99,35 @@ def block_forward(model, preamble_ids: torch.Tensor, doc_ids: list[torch.Tensor]
     out = model(inputs_embeds=embeds[None].to(dtype), attention_mask=mask, position_ids=positions,
                 use_cache=False, output_attentions=output_attentions)
     return out.logits[0, layout.final[0]:], layout, out
+
+
+def block_forward_batch(model, items: list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]],
+                        wrapper: PacketWrapper | None, keep: int) -> torch.Tensor:
+    """Block-mask forwards of B sequences in one batch; logits (B, keep, V) of each sequence's
+    last ``keep`` positions.
+
+    ``items`` are (preamble ids, [doc ids], final ids) as for :func:`block_forward`. Sequences are
+    left-padded to the longest, so every one ends at the last column and ``keep`` positions of
+    each final block come out of the LM head together (``keep`` ≤ the shortest final block). Pad
+    positions attend only to themselves and no real token attends to them, so each sequence's
+    logits equal its own :func:`block_forward` (up to floating-point reduction order).
+    """
+    embeds, layouts = zip(*(joint_embeddings(model, *item, wrapper) for item in items))
+    if keep > min(l.final[1] - l.final[0] for l in layouts):
+        raise ValueError(f"keep={keep} is longer than the shortest final block")
+    length = max(l.length for l in layouts)
+    dtype, device = model.dtype, model.device
+    x = torch.stack([torch.nn.functional.pad(e, (0, 0, length - len(e), 0))
+                     for e in embeds])  # (B, L, d_model), left-padded
+    mask = torch.full((len(items), 1, length, length), torch.finfo(dtype).min, dtype=dtype,
+                      device=device)
+    positions = torch.zeros(len(items), length, dtype=torch.long, device=device)  # (B, L)
+    pad_rows = torch.arange(length, device=device)
+    for b, layout in enumerate(layouts):
+        pad = length - layout.length
+        mask[b, 0, pad:, pad:] = block_mask(layout, dtype, device)[0, 0]
+        mask[b, 0, pad_rows[:pad], pad_rows[:pad]] = 0  # a pad token sees only itself
+        positions[b, pad:] = torch.arange(layout.length, device=device)
+    out = model(inputs_embeds=x.to(dtype), attention_mask=mask, position_ids=positions,
+                use_cache=False, logits_to_keep=keep)
+    return out.logits  # (B, keep, V)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -31,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 import kvp
-from kvp.blockmask import block_forward
+from kvp.blockmask import block_forward_batch
 from kvp.data import Sample, load_dataset, seeded_rng
 from kvp.data.prompts import build_segments, dataset_of, generation_config, segment_ids
 from kvp.generate import greedy_decode, prefill
@@ -40,9 +41,22 @@ from kvp.results import atomic_path
 from transformers import DynamicCache
 
 
+INITS = ("normal", "tokens")
+LR_SCALES = ("absolute", "embed_std")
+
+
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one adapter training run (defaults: a short CPU demonstration)."""
+    """Hyper-parameters of one adapter training run (defaults: a short CPU demonstration).
+
+    ``lr`` is absolute, or (``lr_scale="embed_std"``) in units of the embedding matrix's standard
+    deviation, which differs 8x between the embedded models. ``micro_batch`` samples share one
+    padded forward (the gradient is the same as one at a time). With ``n_val`` > 0, validation
+    samples of the ``val`` split are scored every ``eval_every`` steps (0: once per epoch) and the
+    wrapper with the lowest validation loss is the one saved. ``init="tokens"`` starts header and
+    trailer from real token embeddings (:func:`token_init_ids`) instead of Normal(mean, std).
+    ``tf32`` allows TF32 matrix products when training in fp32 on CUDA.
+    """
 
     model: str = "smollm2-135m"
     dataset: str = "biography"
@@ -62,6 +76,12 @@ class TrainConfig:
     checkpoint_every: int = 5
     gradient_checkpointing: bool = False
     autocast: bool = True  # bf16 autocast on CUDA (CPU always trains in fp32)
+    micro_batch: int = 1
+    n_val: int = 0
+    eval_every: int = 0
+    init: str = "normal"
+    lr_scale: str = "absolute"
+    tf32: bool = False
 
     def __post_init__(self):
         self.num_docs = tuple(self.num_docs)
@@ -70,10 +90,18 @@ class TrainConfig:
         if self.n_samples < self.batch_size:
             raise ValueError(f"n_samples={self.n_samples} is smaller than batch_size="
                              f"{self.batch_size}: lower batch_size or use more samples")
-        if min(self.epochs, self.batch_size, self.max_new_tokens, self.top_k) < 1 or self.lr <= 0:
-            raise ValueError("epochs, batch_size, max_new_tokens and top_k must be >= 1 and lr > 0")
+        if min(self.epochs, self.batch_size, self.max_new_tokens, self.top_k,
+               self.micro_batch) < 1 or self.lr <= 0:
+            raise ValueError("epochs, batch_size, micro_batch, max_new_tokens and top_k must be "
+                             ">= 1 and lr > 0")
         if self.h < 0 or self.t < 0 or self.h + self.t == 0:
             raise ValueError(f"h={self.h}, t={self.t}: a wrapper needs at least one token")
+        if self.n_val < 0 or self.eval_every < 0:
+            raise ValueError(f"n_val={self.n_val}, eval_every={self.eval_every}: must be >= 0")
+        if self.init not in INITS:
+            raise ValueError(f"init={self.init!r}: use one of {list(INITS)}")
+        if self.lr_scale not in LR_SCALES:
+            raise ValueError(f"lr_scale={self.lr_scale!r}: use one of {list(LR_SCALES)}")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -83,6 +111,11 @@ class TrainConfig:
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
 
+    @property
+    def validation_steps(self) -> int:
+        """Optimiser steps between validation passes."""
+        return self.eval_every or self.steps_per_epoch
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["num_docs"] = list(self.num_docs)
@@ -90,23 +123,24 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- data
-def training_samples(config: TrainConfig) -> list[Sample]:
-    """Train-split samples; document counts cycle through ``num_docs`` so no single layout is learnt.
+def training_samples(config: TrainConfig, split: str = "train") -> list[Sample]:
+    """Samples of ``split``: ``n_samples`` train samples, or ``n_val`` validation samples.
 
-    Biography gets ``n_samples / len(num_docs)`` samples per document count (test people never
-    appear: the generator splits people by name). Other datasets pass ``dataset_options`` through.
-    The samples depend on ``data_seed`` only, so runs of several training seeds share them (and
-    their cached teacher targets).
+    Biography gets ``n / len(num_docs)`` samples per document count (validation and test people
+    never appear in training: the generator splits people by name). Other datasets pass
+    ``dataset_options`` through. The samples depend on ``data_seed`` only, so runs of several
+    training seeds share them (and their cached teacher targets).
     """
+    n = config.n_val if split == "val" else config.n_samples
     if config.dataset == "biography":
-        per = [config.n_samples // len(config.num_docs)] * len(config.num_docs)
-        per[0] += config.n_samples - sum(per)
+        per = [n // len(config.num_docs)] * len(config.num_docs)
+        per[0] += n - sum(per)
         samples = []
-        for k, n in zip(config.num_docs, per):
-            samples += load_dataset("biography", "train", n=n, seed=config.data_seed + 1000 * k,
+        for k, count in zip(config.num_docs, per):
+            samples += load_dataset("biography", split, n=count, seed=config.data_seed + 1000 * k,
                                     num_docs=k, **config.dataset_options)
         return samples
-    return load_dataset(config.dataset, "train", n=config.n_samples, seed=config.data_seed,
+    return load_dataset(config.dataset, split, n=n, seed=config.data_seed,
                         **config.dataset_options)
 
 
@@ -170,26 +204,56 @@ def teacher_examples(model, tokenizer, samples: list[Sample], config: TrainConfi
     return out
 
 
+def teacher_truncated(examples: list[Example], config: TrainConfig) -> float:
+    """Fraction of teacher answers that ran into ``max_new_tokens`` (no end of turn in budget)."""
+    return sum(len(ex.answer) >= config.max_new_tokens for ex in examples) / max(len(examples), 1)
+
+
 # --------------------------------------------------------------------------- student and loss
-def distillation_loss(model, wrapper: PacketWrapper, ex: Example, loss: str) -> torch.Tensor:
-    """Loss of one example: KL(teacher ‖ student) on the top-k support, or CE on teacher tokens,
-    summed over the A + 1 answer positions."""
-    final = torch.cat([ex.task, ex.answer])  # task prompt + teacher tokens
-    logits, _, _ = block_forward(model, ex.preamble, ex.docs, final, wrapper)
-    student = logits[-(len(ex.answer) + 1):].float().log_softmax(-1)  # (A + 1, V)
+def position_losses(student: torch.Tensor, ex: Example, loss: str) -> torch.Tensor:
+    """Per-position loss (A + 1,) of the student's log-probs ``student`` (A + 1, V) at the answer
+    positions: KL(teacher ‖ student) on the teacher's top-k support (teacher renormalised on it),
+    or cross-entropy on the teacher's greedy tokens (its answer and its stop)."""
     if loss == "ce":
-        targets = ex.topk_ids[:, 0].to(student.device)  # the teacher's greedy tokens (+ its stop)
-        return -student.gather(-1, targets[:, None]).sum()
+        targets = ex.topk_ids[:, 0].to(student.device)
+        return -student.gather(-1, targets[:, None])[:, 0]
     t_logp = ex.topk_logp.to(student.device)
     t_logp = t_logp - t_logp.logsumexp(-1, keepdim=True)  # renormalise on the top-k support
     s_logp = student.gather(-1, ex.topk_ids.to(student.device))
-    return (t_logp.exp() * (t_logp - s_logp)).sum()
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+
+
+def batch_losses(model, wrapper: PacketWrapper, examples: list[Example], loss: str
+                 ) -> list[torch.Tensor]:
+    """Per-position losses [(A_i + 1,)] of each example, from one padded block-mask forward over
+    ``[preamble][wrapped docs][task + teacher tokens]``; sum one for the example's loss."""
+    lengths = [len(ex.answer) + 1 for ex in examples]
+    items = [(ex.preamble, ex.docs, torch.cat([ex.task, ex.answer])) for ex in examples]
+    logits = block_forward_batch(model, items, wrapper, keep=max(lengths))  # (B, keep, V)
+    return [position_losses(row[-n:].float().log_softmax(-1), ex, loss)
+            for row, n, ex in zip(logits, lengths, examples)]
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 @torch.no_grad()
+def validation_loss(model, wrapper: PacketWrapper, examples: list[Example], loss: str = "kl",
+                    micro_batch: int = 1) -> dict[str, float]:
+    """Mean per-example loss of ``wrapper`` over ``examples`` (``loss``) and its share at the
+    first answer token (``first``, where the model picks the entity); no gradients."""
+    total = first = 0.0
+    for part in chunks(examples, micro_batch):
+        for per_position in batch_losses(model, wrapper, part, loss):
+            total += per_position.sum().item()
+            first += per_position[0].item()
+    return {"loss": total / len(examples), "first": first / len(examples)}
+
+
 def mean_loss(model, wrapper: PacketWrapper, examples: list[Example], loss: str = "kl") -> float:
     """Average per-example loss of ``wrapper`` over ``examples`` (no gradients)."""
-    return sum(distillation_loss(model, wrapper, ex, loss).item() for ex in examples) / len(examples)
+    return validation_loss(model, wrapper, examples, loss)["loss"]
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -199,10 +263,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def git_commit() -> str:
@@ -224,36 +286,84 @@ class TrainResult:
     record: dict
 
 
+def token_init_ids(tokenizer, n: int, part: str) -> list[int]:
+    """``n`` token ids whose embeddings start a ``"header"`` (start of text, "Document", ":",
+    newline) or a ``"trailer"`` (".", newline, end of text), cycled to length ``n``."""
+    special = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pieces = ["Document", ":", "\n"] if part == "header" else [".", "\n"]
+    ids = [i for piece in pieces for i in tokenizer.encode(piece, add_special_tokens=False)]
+    ids = [special, *ids] if part == "header" else [*ids, tokenizer.eos_token_id]
+    return [ids[i % len(ids)] for i in range(n)]
+
+
+def initial_wrapper(model, tokenizer, config: TrainConfig) -> PacketWrapper:
+    """The wrapper training starts from: Normal(mean, std) of the embedding matrix, or
+    (``init="tokens"``) real token embeddings plus seeded noise of 0.1 std, so seeds differ."""
+    wrapper = PacketWrapper.init_from_embeddings(model, config.h, config.t, config.seed,
+                                                 model_name=config.model)
+    if config.init == "tokens":
+        weight = model.get_input_embeddings().weight.detach().float()
+        noise_scale = 0.1 * weight.std().item()
+        for param, part in ((wrapper.header, "header"), (wrapper.trailer, "trailer")):
+            ids = torch.tensor(token_init_ids(tokenizer, len(param), part), device=weight.device)
+            noise = (param.detach().float() - weight.mean()) / weight.std()  # seeded N(0, 1)
+            param.data = weight[ids] + noise_scale * noise
+    return wrapper.float().to(model.device)
+
+
+def learning_rate(model, config: TrainConfig) -> float:
+    """The absolute learning rate: ``lr``, or ``lr`` times the embedding matrix's std."""
+    if config.lr_scale == "absolute":
+        return config.lr
+    return config.lr * model.get_input_embeddings().weight.detach().float().std().item()
+
+
+@contextlib.contextmanager
+def matmul_precision(tf32: bool):
+    """TF32 matrix products inside the block when ``tf32`` (fp32 on CUDA); restored after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def train(model, tokenizer, config: TrainConfig, out_dir: str | Path, progress: bool = True,
-          examples: list[Example] | None = None, plot: bool = True) -> TrainResult:
+          examples: list[Example] | None = None, plot: bool = True,
+          val_examples: list[Example] | None = None) -> TrainResult:
     """Train a wrapper; writes ``out_dir``/{checkpoint.pt, loss.csv, loss.png/pdf, wrapper.safetensors}.
 
     ``plot=False`` skips the loss figure (for machines without the plotting stack; draw it later
     with ``plot_loss``).
     Resumes from ``out_dir/checkpoint.pt`` when present (its config must match). Teacher targets
-    are cached in ``out_dir/../teacher`` unless ``examples`` are given. Stops with the step number
-    on a NaN loss, leaving the last good checkpoint intact. The base model stays frozen.
+    are cached in ``out_dir/../teacher`` unless ``examples`` (and, with ``n_val`` > 0,
+    ``val_examples``) are given. With validation, the saved wrapper is the one of the validation
+    pass with the lowest loss (``record["best_step"]``). Stops with the step number on a NaN loss,
+    leaving the last good checkpoint intact. The base model stays frozen.
     """
     out_dir = Path(out_dir)
     device = model.device
+    teacher_dir = out_dir.parent / "teacher"
     if examples is None:
         samples = training_samples(config)
         if len(samples) < config.batch_size:
             raise ValueError(f"dataset gave {len(samples)} samples, fewer than batch_size "
                              f"{config.batch_size}")
-        examples = teacher_examples(model, tokenizer, samples, config,
-                                    out_dir.parent / "teacher", progress)
+        examples = teacher_examples(model, tokenizer, samples, config, teacher_dir, progress)
+    if val_examples is None and config.n_val:
+        val_examples = teacher_examples(model, tokenizer, training_samples(config, "val"), config,
+                                        teacher_dir, progress)
     torch.manual_seed(config.seed)
-    wrapper = PacketWrapper.init_from_embeddings(model, config.h, config.t, config.seed,
-                                                 model_name=config.model)
-    wrapper.float().to(device)
-    opt = torch.optim.AdamW(wrapper.parameters(), lr=config.lr, weight_decay=0.0)
+    wrapper = initial_wrapper(model, tokenizer, config)
+    opt = torch.optim.AdamW(wrapper.parameters(), lr=learning_rate(model, config),
+                            weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / config.total_steps)
     model.requires_grad_(False)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.train()  # checkpointing is active in train mode only; these models have no dropout
-    step, losses, started = 0, [], time.time()
+    step, losses, best, started = 0, [], None, time.time()
     ckpt = out_dir / "checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
@@ -264,50 +374,73 @@ def train(model, tokenizer, config: TrainConfig, out_dir: str | Path, progress: 
         wrapper.load_state_dict(state["wrapper"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        step, losses = state["step"], state["losses"]
+        step, losses, best = state["step"], state["losses"], state.get("best")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=config.autocast and device.type == "cuda")
     bar = tqdm(total=config.total_steps, initial=step, desc="train", disable=not progress)
     try:
-        while step < config.total_steps:
-            epoch, k = divmod(step, config.steps_per_epoch)
-            order = list(range(len(examples)))
-            seeded_rng("train-order", config.seed, epoch).shuffle(order)
-            batch = order[k * config.batch_size:(k + 1) * config.batch_size]
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for i in batch:
-                with autocast:
-                    loss = distillation_loss(model, wrapper, examples[i], config.loss) / len(batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; the last "
-                                             f"good checkpoint ({ckpt}) is intact — lower lr")
-                loss.backward()
-                total += loss.item()
-            opt.step()
-            if not all(torch.isfinite(p).all() for p in wrapper.parameters()):
-                raise FloatingPointError(f"the wrapper became non-finite at step {step + 1}; the "
-                                         f"last good checkpoint ({ckpt}) is intact — lower lr")
-            sched.step()
-            step += 1
-            losses.append({"step": step, "epoch": epoch, "loss": total,
-                           "lr": sched.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{total:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-            bar.update()
-            if step % config.checkpoint_every == 0 or step == config.total_steps:
-                save_checkpoint(ckpt, {"config": config.to_dict(), "wrapper": wrapper.state_dict(),
-                                       "optimizer": opt.state_dict(),
-                                       "scheduler": sched.state_dict(), "step": step,
-                                       "losses": losses})
+        with matmul_precision(config.tf32 and device.type == "cuda"):
+            while step < config.total_steps:
+                epoch, k = divmod(step, config.steps_per_epoch)
+                order = list(range(len(examples)))
+                seeded_rng("train-order", config.seed, epoch).shuffle(order)
+                batch = order[k * config.batch_size:(k + 1) * config.batch_size]
+                opt.zero_grad(set_to_none=True)
+                total = 0.0
+                for part in chunks(batch, config.micro_batch):
+                    with autocast:
+                        per_example = batch_losses(model, wrapper, [examples[i] for i in part],
+                                                   config.loss)
+                        loss = sum(x.sum() for x in per_example) / len(batch)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; the "
+                                                 f"last good checkpoint ({ckpt}) is intact — lower lr")
+                    loss.backward()
+                    total += loss.item()
+                opt.step()
+                if not all(torch.isfinite(p).all() for p in wrapper.parameters()):
+                    raise FloatingPointError(f"the wrapper became non-finite at step {step + 1}; "
+                                             f"the last good checkpoint ({ckpt}) is intact — lower lr")
+                sched.step()
+                step += 1
+                row = {"step": step, "epoch": epoch, "loss": total, "lr": sched.get_last_lr()[0]}
+                if val_examples and (step % config.validation_steps == 0
+                                     or step == config.total_steps):
+                    with autocast:
+                        val = validation_loss(model, wrapper, val_examples, config.loss,
+                                              config.micro_batch)
+                    row.update(val_loss=val["loss"], val_first=val["first"])
+                    if best is None or val["loss"] < best["val_loss"]:
+                        best = {"step": step, "val_loss": val["loss"], "val_first": val["first"],
+                                "wrapper": {k: v.detach().clone()
+                                            for k, v in wrapper.state_dict().items()}}
+                losses.append(row)
+                bar.set_postfix(loss=f"{total:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}",
+                                **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
+                bar.update()
+                if step % config.checkpoint_every == 0 or step == config.total_steps:
+                    save_checkpoint(ckpt, {"config": config.to_dict(),
+                                           "wrapper": wrapper.state_dict(),
+                                           "optimizer": opt.state_dict(),
+                                           "scheduler": sched.state_dict(), "step": step,
+                                           "losses": losses, "best": best})
     finally:
         bar.close()
         if config.gradient_checkpointing:
             model.gradient_checkpointing_disable()
             model.eval()
     record = {"config": config.to_dict(), "steps": step, "final_loss": losses[-1]["loss"],
+              "lr_absolute": opt.param_groups[0]["initial_lr"],
+              "teacher_truncated": teacher_truncated(examples, config),
               "kvp_version": kvp.__version__, "git_commit": git_commit(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "wall_s": round(time.time() - started, 1), "n_examples": len(examples)}
+    if best is not None:
+        wrapper.load_state_dict(best["wrapper"])
+        record.update(best_step=best["step"], best_val_loss=best["val_loss"],
+                      best_val_first=best["val_first"], final_val_loss=losses[-1]["val_loss"],
+                      n_val_examples=len(val_examples),
+                      val_teacher_truncated=teacher_truncated(val_examples, config))
     wrapper.record = record
     wrapper.model_name = config.model
     wrapper.save(out_dir / "wrapper.safetensors")
@@ -318,7 +451,8 @@ def train(model, tokenizer, config: TrainConfig, out_dir: str | Path, progress: 
 
 
 def plot_loss(out_dir: Path, title: str) -> None:
-    """Loss curve of ``out_dir``/loss.csv (per optimiser step) as loss.png and loss.pdf."""
+    """Loss curve of ``out_dir``/loss.csv (per optimiser step, and the validation passes when
+    there are any, with the selected one marked) as loss.png and loss.pdf."""
     import matplotlib.pyplot as plt
     import pandas as pd
 
@@ -327,22 +461,32 @@ def plot_loss(out_dir: Path, title: str) -> None:
     losses = pd.read_csv(Path(out_dir) / "loss.csv")
     set_theme()
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(losses["step"], losses["loss"], color="#9ecae1", lw=1, label="per step")
+    ax.plot(losses["step"], losses["loss"], color="#9ecae1", lw=1, label="train, per step")
     epochs = losses.groupby("epoch").agg(step=("step", "max"), loss=("loss", "mean"))
-    ax.plot(epochs["step"], epochs["loss"], color="#08519c", marker="o", ms=3, label="epoch mean")
+    ax.plot(epochs["step"], epochs["loss"], color="#08519c", marker="o", ms=3,
+            label="train, epoch mean")
+    if "val_loss" in losses and losses["val_loss"].notna().any():
+        val = losses.dropna(subset=["val_loss"])
+        ax.plot(val["step"], val["val_loss"], color="#d95f02", marker="s", ms=3, label="validation")
+        ax.plot(val["step"], val["val_first"], color="#d95f02", ls=":", lw=1,
+                label="validation, first answer token")
+        chosen = val.loc[val["val_loss"].idxmin()]
+        ax.scatter([chosen["step"]], [chosen["val_loss"]], s=60, facecolors="none",
+                   edgecolors="black", zorder=5, label=f"selected (step {int(chosen['step'])})")
     ax.set(xlabel="optimiser step", ylabel="loss per sample", title=title)
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, fontsize=7)
     save_fig(fig, "loss", fig_dir=out_dir)
     plt.close(fig)
 
 
+LOSS_COLUMNS = ["step", "epoch", "loss", "lr", "val_loss", "val_first"]
+
+
 def write_loss_csv(path: Path, losses: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "epoch", "loss", "lr"])
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
         writer.writeheader()
         writer.writerows(losses)
-    os.replace(tmp, path)
 
 
 def config_from_dict(d: dict) -> TrainConfig:

@@ -23,7 +23,7 @@ from functools import cache
 from importlib import resources
 
 DATASETS = ("biography", "niah", "hotpotqa", "musique", "jsonl", "mixture")
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")  # val: held out from the training side, for model selection
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,8 @@ def load_dataset(name: str, split: str = "test", n: int | None = 100, seed: int 
 
     Args:
         name: one of ``DATASETS``.
-        split: ``"train"`` or ``"test"`` (hub datasets map ``"test"`` to their validation split).
+        split: ``"train"``, ``"val"`` (held out from the training side, for checkpoint and
+            recipe selection) or ``"test"`` (hub datasets map ``"test"`` to their validation split).
         n: number of samples; ``None`` means all (only for finite datasets: hub, jsonl).
         seed: sampling seed (SPEC §4 evaluates 100 test samples with seed 42).
         **kw: options of the dataset's loader, e.g. ``num_docs=5`` (biography),

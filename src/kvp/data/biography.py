@@ -2,7 +2,8 @@
 
 Every person has six attributes (``ATTRIBUTES``). A person's attributes are a pure function of
 the full name, so the same name always describes the same life; the name also fixes the person's
-split (a SHA-256 of the name, 50/50), so no person appears in both train and test.
+split (a SHA-256 of the name: half test, the other half train with one in eight held out as
+validation people), so no person appears in two splits.
 
 A sample draws ``num_docs`` distinct people of its split; the target person's document goes to a
 uniformly random slot (recorded in ``meta["target_slot"]``) unless ``target_slot`` forces one.
@@ -73,8 +74,15 @@ class BiographyConfig:
 
 # --------------------------------------------------------------------------- people
 def person_split(name: str) -> str:
-    """``"train"`` or ``"test"``, fixed by the SHA-256 of the full name (a 50/50 partition)."""
-    return "train" if hashlib.sha256(name.encode()).digest()[0] % 2 == 0 else "test"
+    """``"train"``, ``"val"`` or ``"test"``, fixed by the SHA-256 of the full name.
+
+    Half of the names are test people; of the other half, one in eight are validation people (for
+    checkpoint and recipe selection), the rest training people. The three sets are disjoint.
+    """
+    digest = hashlib.sha256(name.encode()).digest()
+    if digest[0] % 2:
+        return "test"
+    return "val" if digest[1] % 8 == 0 else "train"
 
 
 @cache

@@ -38,9 +38,10 @@ def component_counts(components: dict[str, float], n: int | None) -> dict[str, i
 def load_mixture(split: str = "train", n: int | None = None, seed: int = 0,
                  components: dict[str, float] | None = None,
                  options: dict[str, dict] | None = None) -> list[Sample]:
-    """A seeded shuffle of the train samples of every component (train split only)."""
-    if split != "train":
-        raise ValueError(f"split={split!r}: mixtures are for training; use split='train'")
+    """A seeded shuffle of the ``split`` samples of every component (``"train"`` or ``"val"``)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r}: mixtures are for training; use split='train' (or "
+                         "'val' for its validation samples)")
     counts = component_counts(components or {}, n)
     options = options or {}
     allowed = [d for d in DATASETS if d != "mixture"]
@@ -50,6 +51,6 @@ def load_mixture(split: str = "train", n: int | None = None, seed: int = 0,
     samples: list[Sample] = []
     for name, count in counts.items():
         component_seed = seeded_rng("mixture", seed, name).randrange(2**31)
-        samples += load_dataset(name, "train", count, component_seed, **options.get(name, {}))
+        samples += load_dataset(name, split, count, component_seed, **options.get(name, {}))
     seeded_rng("mixture-order", seed).shuffle(samples)
     return samples
