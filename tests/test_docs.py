@@ -1,6 +1,6 @@
 """The repository explains itself: every documentation reference in the code resolves.
 
-* no citation of an external, unpublished specification ("SPEC §…") is left in ``src``;
+* no old-style section citation ("SPEC §…", which a reader cannot follow) is left in ``src``;
 * every ``docs/<file>.md#<anchor>`` cited in ``src`` names an existing file and one of its
   headings (GitHub's anchor slugs);
 * links between the pages of ``docs/`` resolve the same way;
