@@ -1,7 +1,7 @@
 """Attention capture, segment scores (Figure 5) and KV / attention shift measures (notebook 01).
 
 Every method's attention is captured as **one joint forward** over the same sample, so maps of
-different methods line up token for token (SPEC §4, Figures 2 and 5):
+different methods line up token for token (docs/protocol.md#attention-maps-figure-2, Fig. 5):
 
 * ``full_recompute`` — the plain causal forward over ``[preamble][doc 1]…[doc N][task prompt]``;
 * ``no_recompute`` — the block-mask forward without wrappers (each document attends to itself);
@@ -152,7 +152,8 @@ def joint_attention(ctx: QueryContext, method: str, dtype: torch.dtype = torch.f
     """The attention of ``method`` (a key of ``JOINT_METHODS``) as one eager joint forward.
 
     ``full_recompute`` runs the plain causal prompt (as a block-mask forward whose only block is
-    the final one, which is exactly causal); the others the block mask of SPEC §2.
+    the final one, which is exactly causal); the others the block mask
+    (docs/method.md#block-mask-equivalence).
     Returns an AttentionMap with probs (L, H, N, N) in ``dtype``.
     """
     if method not in JOINT_METHODS:

@@ -1,4 +1,6 @@
-"""Time-to-first-token benchmark of every reuse method, with memory/FLOP floors (SPEC §4, Fig. 3).
+"""Time-to-first-token benchmark of every reuse method, with memory/FLOP floors (Fig. 3).
+
+Protocol: docs/protocol.md#ttft-timing.
 
 For each model, context length (preamble + documents + prompt tokens) and number of documents, a
 synthetic query is built from random token ids (random-weight architectures have no vocabulary)

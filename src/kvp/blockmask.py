@@ -1,4 +1,6 @@
-"""The block-mask joint forward: training path and proof of SPEC §2's equivalence (Figure 2).
+"""The block-mask joint forward: training path and proof of the equivalence (Figure 2).
+
+See docs/method.md#block-mask-equivalence.
 
 One forward over ``[preamble][wrapped doc 1]…[wrapped doc N][final block]`` with global positions
 0..N-1 and a 4-D additive mask in which every chunk attends causally only to itself and the final

@@ -1,4 +1,4 @@
-"""KV compression of packets with kvpress presses (SPEC §4 Figure 4, §6).
+"""KV compression of packets with kvpress presses (docs/protocol.md#compression-figure-4).
 
 Each packet is compressed *as it is built*: the press's context manager is active while
 ``[header ; document ; trailer]`` is prefilled from position 0, so every layer's cache is pruned right
@@ -158,7 +158,9 @@ class ProtectedPress(BasePress):
 def compress_packet(model, tokenizer, document: str, press: BasePress,
                     wrapper: PacketWrapper | None = None, protect_wrapper: bool = False,
                     allow_short: bool = False) -> Packet:
-    """Build a packet under ``press`` (SPEC §4 Figure 4): pruned KV, ``span`` = uncompressed length.
+    """Build a packet under ``press``: pruned KV, ``span`` = uncompressed length.
+
+    See docs/protocol.md#compression-figure-4.
 
     Args:
         press: a scorer press (``PRESSES``) or a ``ProtectedPress``.

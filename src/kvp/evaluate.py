@@ -1,4 +1,6 @@
-"""Run methods over dataset samples and summarise: answers → F1, agreement, TTFT, FLOPs (SPEC §4).
+"""Run methods over dataset samples and summarise: answers → F1, agreement, TTFT, FLOPs.
+
+See docs/protocol.md#metrics.
 
 ``evaluate`` builds each sample's context once (documents encoded once per wrapper through the
 ``PacketStore``), runs every method on it and returns one tidy row per (sample, method).

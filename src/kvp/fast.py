@@ -3,7 +3,8 @@
 The plain path (``kvp.packet.assemble`` + ``kvp.generate.prefill``) concatenates the packets into a
 new tensor, re-rotates the keys with several fp32 passes, copies everything again into an HF
 ``DynamicCache`` (whose ``update`` concatenates), and runs the prompt through the HF forward, whose
-cache update copies the whole context once more. Here (SPEC §2, same maths):
+cache update copies the whole context once more. Here (same maths,
+docs/method.md#query-time-assembly):
 
 * ``KVBuffer`` — keys/values (L, H_kv, C, D) allocated once for a capacity C (context + prompt);
 * ``assemble_into`` — ``[preamble][packet 1]…[packet N]`` written straight into the buffer, each

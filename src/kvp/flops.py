@@ -1,4 +1,4 @@
-"""Analytic FLOPs of the query step (SPEC §4).
+"""Analytic FLOPs of the query step (docs/protocol.md#flops-model).
 
 Per layer, for ``s`` query tokens attending to ``k`` keys (cache included):
 * q/k/v/o projections: ``2·s·d·(H·hd) + 2·2·s·d·(H_kv·hd) + 2·s·(H·hd)·d``

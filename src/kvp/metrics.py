@@ -1,4 +1,6 @@
-"""Answer metrics (SPEC §4): token F1 after answer cleaning, micro-averaged, with bootstrap CIs.
+"""Answer metrics: token F1 after answer cleaning, micro-averaged, with bootstrap CIs.
+
+See docs/protocol.md#metrics.
 
 Per sample, a prediction is compared with each acceptable gold answer over whitespace tokens of
 the normalised strings; the gold with the best F1 counts (its tp/fp/fn). The paper's metric is

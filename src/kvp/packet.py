@@ -1,4 +1,6 @@
-"""Packets: documents encoded once, wrapped in trained soft tokens, reusable in any context (SPEC §2).
+"""Packets: documents encoded once, wrapped in trained soft tokens, reusable in any context.
+
+See docs/method.md#packets.
 
 * ``PacketWrapper`` — the trainable ``header`` (h, d_model) and ``trailer`` (t, d_model) in the
   model's input-embedding space, initialised from Normal(mean, std) of the embedding matrix.
@@ -167,7 +169,10 @@ def wrap_embeddings(model, doc_ids: torch.Tensor, wrapper: PacketWrapper | None)
 
 
 def build_packet(model, tokenizer, document: str, wrapper: PacketWrapper | None = None) -> Packet:
-    """Encode one document alone (SPEC §2 "Building a packet"); ``wrapper=None`` = plain cache."""
+    """Encode one document alone; ``wrapper=None`` = plain cache.
+
+    See docs/method.md#building-packets.
+    """
     doc_ids = tokenize_document(tokenizer, document)
     h, t = (wrapper.h, wrapper.t) if wrapper is not None else (0, 0)
     check_length(model, h + len(doc_ids) + t, "document")

@@ -1,11 +1,12 @@
 """Partial recompute: rewrite the K/V of selected tokens, layer by layer, in an assembled cache.
 
-This is the engine behind CacheBlend, EPIC, A3, SAM-KV and random recompute (SPEC §3). Only the
-selected tokens pass through the layers: at layer ``l`` their hidden states give fresh q/k/v (RoPE at
-their global positions), the fresh k/v overwrite the cached ones in place, and their queries attend
-causally over the whole layer-``l`` cache (fresh where recomputed, reused elsewhere). A ``select``
-callback may shrink the token set after any layer (CacheBlend keeps all tokens for layers 0–1, then
-only the most deviating ones). The FLOPs reported are those of exactly this work.
+This is the engine behind CacheBlend, EPIC, A3, SAM-KV and random recompute
+(docs/baselines.md#partial-recompute). Only the selected tokens pass through the layers: at layer
+``l`` their hidden states give fresh q/k/v (RoPE at their global positions), the fresh k/v overwrite
+the cached ones in place, and their queries attend causally over the whole layer-``l`` cache (fresh
+where recomputed, reused elsewhere). A ``select`` callback may shrink the token set after any layer
+(CacheBlend keeps all tokens for layers 0–1, then only the most deviating ones). The FLOPs reported
+are those of exactly this work.
 
 The layer maths follows the HF decoder layer of llama / mistral / qwen2 / qwen3 (pre-norm
 attention and gated MLP, optional q/k norm); it reuses the model's own modules.

@@ -1,4 +1,4 @@
-"""Re-rotation of cached post-RoPE keys from local to global positions (SPEC §2).
+"""Re-rotation of cached post-RoPE keys from local to global positions (docs/method.md#re-rotation).
 
 RoPE rotates each 2-D frequency pair of a key by ``angle = position · inv_freq``. Rotations compose,
 so a key encoded at local position ``p`` becomes the key at ``p + Δ`` by one more rotation by

@@ -1,4 +1,4 @@
-"""Adapter training by self-supervised distillation (SPEC §2 "Training").
+"""Adapter training by self-supervised distillation (docs/method.md#training-objective).
 
 * **Teacher**: the frozen model on the plain joint prompt (preamble + documents + task, full
   attention), decoded greedily; its answer tokens and, at every answer position, the top-k

@@ -1,4 +1,4 @@
-"""Datasets of the project behind one sample type (SPEC §4).
+"""Datasets of the project behind one sample type (docs/protocol.md#datasets).
 
 Every loader returns a list of :class:`Sample`: the documents (one packet each), the question, the
 acceptable answers and free-form ``meta`` (dataset name, split, target slot, needle depth, ...).
@@ -90,7 +90,8 @@ def load_dataset(name: str, split: str = "test", n: int | None = 100, seed: int 
         split: ``"train"``, ``"val"`` (held out from the training side, for checkpoint and
             recipe selection) or ``"test"`` (hub datasets map ``"test"`` to their validation split).
         n: number of samples; ``None`` means all (only for finite datasets: hub, jsonl).
-        seed: sampling seed (SPEC §4 evaluates 100 test samples with seed 42).
+        seed: sampling seed (the paper evaluates 100 test samples with seed 42;
+            docs/protocol.md#datasets).
         **kw: options of the dataset's loader, e.g. ``num_docs=5`` (biography),
             ``context_tokens=2048`` (niah), ``path=...`` (hotpotqa, musique, jsonl),
             ``components={...}`` (mixture).

@@ -1,4 +1,6 @@
-"""Synthetic biographies (SPEC §4): one document per person, a question about one attribute.
+"""Synthetic biographies: one document per person, a question about one attribute.
+
+See docs/protocol.md#datasets.
 
 Every person has six attributes (``ATTRIBUTES``). A person's attributes are a pure function of
 the full name, so the same name always describes the same life; the name also fixes the person's

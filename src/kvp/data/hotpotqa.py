@@ -1,4 +1,4 @@
-"""HotpotQA (SPEC §4): fullwiki validation, each context paragraph one document.
+"""HotpotQA (docs/protocol.md#datasets): fullwiki validation, each context paragraph one document.
 
 Reads the hub dataset ``hotpot_qa`` (config ``fullwiki``) or a local copy (``path=``) in either
 published schema: the hub's (``context = {"title": [...], "sentences": [[...]]}``) or the

@@ -25,7 +25,8 @@ class DatasetUnavailableError(RuntimeError):
 
 
 def hub_split(split: str) -> str:
-    """The hub split for ``split``: ``"test"`` means ``"validation"`` (SPEC §4 evaluates there)."""
+    """The hub split for ``split``: ``"test"`` means ``"validation"`` (docs/protocol.md#datasets).
+    """
     check_split(split, HUB_SPLITS)
     return "validation" if split == "test" else split
 

@@ -1,4 +1,6 @@
-"""Training mixtures (SPEC §2, "Mixture"): several datasets' train splits, shuffled together.
+"""Training mixtures: several datasets' train splits, shuffled together.
+
+See docs/method.md#training-objective.
 
 ``components`` maps dataset names to integer counts (``{"biography": 64, "niah": 128}``), or to
 float weights together with a total ``n`` (counts are the weights' largest-remainder rounding).

@@ -1,4 +1,4 @@
-"""MuSiQue (SPEC §4): answerable multi-hop questions, each paragraph one document.
+"""MuSiQue (docs/protocol.md#datasets): answerable multi-hop questions, each paragraph one document.
 
 Reads the hub dataset ``dgslibisey/MuSiQue`` or a local copy (``path=``) of the original release
 (``musique_ans_v1.0_dev.jsonl`` schema: ``paragraphs = [{"idx", "title", "paragraph_text",

@@ -1,4 +1,4 @@
-"""Needle in a haystack, RULER style (SPEC §4), generated here.
+"""Needle in a haystack, RULER style (docs/protocol.md#datasets), generated here.
 
 The haystack is plain essay-like prose: the paragraphs of ``resources/niah_filler.txt`` in a
 seeded order (reshuffled each time the corpus is used up) until the context reaches about

@@ -1,4 +1,4 @@
-"""Chat prompts split into the segments that KV Packet caches separately (SPEC §2).
+"""Chat prompts split into the segments that KV Packet caches separately (docs/method.md#preamble).
 
 A sample becomes one user turn::
 
@@ -149,12 +149,15 @@ def segment_ids(tokenizer, segments: PromptSegments) -> tuple[list[int], list[li
             encode(tokenizer, segments.task))
 
 
-# Generation budgets of SPEC §4 (tokens).
+# Greedy decoding budgets in tokens (docs/protocol.md#datasets).
 MAX_NEW_TOKENS = {"biography": 32, "niah": 128, "musique": 256, "hotpotqa": 512, "jsonl": 64}
 
 
 def generation_config(tokenizer, dataset: str, max_new_tokens: int | None = None):
-    """Greedy decoding budget of the dataset (SPEC §4) with the tokenizer's end-of-turn markers."""
+    """Greedy decoding budget of the dataset with the tokenizer's end-of-turn markers.
+
+    See docs/protocol.md#datasets.
+    """
     from kvp.generate import GenerationConfig
 
     budget = max_new_tokens or MAX_NEW_TOKENS.get(dataset, 64)

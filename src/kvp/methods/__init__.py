@@ -1,4 +1,7 @@
-"""Every cache-reuse method behind one interface (SPEC §3): ``get_method(name, **hyper_params)``."""
+"""Every cache-reuse method behind one interface: ``get_method(name, **hyper_params)``.
+
+What each method does: docs/baselines.md.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,9 @@
 
 Scores: attention probabilities from the task prompt's tokens to each cached document token,
 summed over heads, prompt tokens and layers, computed on the reused (no-recompute) cache.
+
+Zhou et al., "A³: Attention-Aware Accurate KV Cache Fusion for Fast Large Language Model
+Serving", arXiv 2511.17560, 2025 (our reading). See docs/baselines.md#a3.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The shared interface of every cache-reuse method (SPEC §3).
+"""The shared interface of every cache-reuse method (docs/baselines.md).
 
 A method is a dataclass whose fields are its hyper-parameters. ``prepare`` fetches what is built
 offline (packets from the ``PacketStore``); ``prefill`` is the timed query step: it assembles the
@@ -22,7 +22,9 @@ from kvp.packet import Packet, PacketStore, PacketWrapper, assemble, check_lengt
 
 @dataclass
 class QueryContext:
-    """One sample, tokenised, with its preamble encoded (outside the TTFT timer, SPEC §2).
+    """One sample, tokenised, with its preamble encoded outside the TTFT timer.
+
+    See docs/method.md#preamble.
 
     preamble_ids (P,), doc_ids [(n_i,)], task_ids (T,); ``preamble_kv`` keys/values (L, H_kv, P, D).
     """

@@ -1,5 +1,9 @@
 """``cache_blend``: layers 0–1 recomputed for every document token; the ``ratio`` of tokens whose
-layer-1 KV deviates most from the reused cache continue through layers 2..L (EuroSys'25)."""
+layer-1 KV deviates most from the reused cache continue through layers 2..L.
+
+Yao et al., "CacheBlend: Fast Large Language Model Serving for RAG with Cached Knowledge
+Fusion", EuroSys 2025 (arXiv 2405.16444). See docs/baselines.md#cache_blend.
+"""
 
 from __future__ import annotations
 

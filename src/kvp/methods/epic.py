@@ -1,4 +1,8 @@
-"""``epic``: the first ``n_tokens`` of every document recomputed in all layers (attention-sink repair)."""
+"""``epic``: the first ``n_tokens`` of every document recomputed in all layers (attention-sink repair).
+
+Hu et al., "EPIC: Efficient Position-Independent Caching for Serving Large Language Models",
+ICML 2025 (arXiv 2410.15332), its LegoLink algorithm. See docs/baselines.md#epic.
+"""
 
 from __future__ import annotations
 

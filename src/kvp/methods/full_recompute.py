@@ -1,4 +1,8 @@
-"""``full_recompute``: preamble cached; all documents and the prompt prefilled jointly (the ceiling)."""
+"""``full_recompute``: preamble cached; all documents and the prompt prefilled jointly (the ceiling).
+
+The ordinary prefix-cached prefill, no paper of its own; the reference of agreement. See
+docs/baselines.md#full_recompute.
+"""
 
 from __future__ import annotations
 

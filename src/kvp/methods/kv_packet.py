@@ -1,4 +1,8 @@
-"""``kv_packet``: wrapped packets concatenated, keys re-rotated (the paper's method, SPEC §2)."""
+"""``kv_packet``: wrapped packets concatenated, keys re-rotated (the paper's method).
+
+Chen et al., "KV Packet: Recomputation-Free Context-Independent KV Caching for LLMs", arXiv
+2604.13226, 2026. See docs/baselines.md#kv_packet and docs/method.md#query-time-assembly.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""``no_cache``: closed book — the preamble and the prompt only (the floor of SPEC §3)."""
+"""``no_cache``: closed book — the preamble and the prompt only (the floor).
+
+A control of the KV Packet paper (arXiv 2604.13226), no paper of its own; see
+docs/baselines.md#no_cache.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""``no_recompute``: plain document caches concatenated, keys re-rotated, nothing recomputed."""
+"""``no_recompute``: plain document caches concatenated, keys re-rotated, nothing recomputed.
+
+The naive reuse that CacheBlend (Yao et al., EuroSys 2025) calls full KV reuse and EPIC (Hu et
+al., ICML 2025) naive position-independent caching; see docs/baselines.md#no_recompute.
+"""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Each starts from the no-recompute cache (plain packets, re-rotated), chooses which document tokens
 to recompute, rewrites only their K/V (``kvp.recompute``) and prefills the prompt. Subclasses
 implement ``choose``; the FLOPs reported are the re-rotation, any scoring pass, the recompute of
-exactly the chosen tokens, and the prompt prefill.
+exactly the chosen tokens, and the prompt prefill (docs/baselines.md#partial-recompute).
 """
 
 from __future__ import annotations

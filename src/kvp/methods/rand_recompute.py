@@ -1,4 +1,8 @@
-"""``rand_recompute``: a random ``ratio`` of document tokens recomputed in all layers (a control)."""
+"""``rand_recompute``: a random ``ratio`` of document tokens recomputed in all layers (a control).
+
+A control of the KV Packet paper (arXiv 2604.13226), no paper of its own; see
+docs/baselines.md#rand_recompute.
+"""
 
 from __future__ import annotations
 

@@ -3,7 +3,10 @@
 
 Block scores are the question's attention summed over the ``stable_layers`` last layers; blocks are
 taken in decreasing score until they hold ``theta`` of the document's middle-token attention mass.
-Large setting: 64/128/64; small: 8/16/8 (SPEC §3).
+Large setting: 64/128/64; small: 8/16/8 (docs/baselines.md#sam_kv).
+
+Cao et al., "Sparse Attention across Multiple-context KV Cache" (SamKV), AAAI 2026 (arXiv
+2508.11661). Only its token selection is reproduced: unselected KV is kept, not evicted.
 """
 
 from __future__ import annotations
