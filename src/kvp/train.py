@@ -161,6 +161,12 @@ class Example:
     topk_ids: torch.Tensor
     topk_logp: torch.Tensor
 
+    @property
+    def length(self) -> int:
+        """Tokens of the student's sequence without the wrapper."""
+        return (len(self.preamble) + sum(map(len, self.docs)) + len(self.task)
+                + len(self.answer))
+
 
 def _teacher_key(model_name: str, sample: Sample, config: TrainConfig) -> str:
     payload = json.dumps([model_name, dataset_of(sample, None), sample.id, sample.documents,
@@ -202,6 +208,13 @@ def teacher_examples(model, tokenizer, samples: list[Sample], config: TrainConfi
                 torch.save(example.__dict__, tmp)
         out.append(example)
     return out
+
+
+def teacher_mass(examples: list[Example]) -> float:
+    """Mean probability mass of the teacher's top-k at the answer positions (how much of the full
+    distribution the top-k KL sees)."""
+    mass = [ex.topk_logp.logsumexp(-1).exp().mean().item() for ex in examples]
+    return sum(mass) / max(len(mass), 1)
 
 
 def teacher_truncated(examples: list[Example], config: TrainConfig) -> float:
@@ -385,6 +398,7 @@ def train(model, tokenizer, config: TrainConfig, out_dir: str | Path, progress: 
                 order = list(range(len(examples)))
                 seeded_rng("train-order", config.seed, epoch).shuffle(order)
                 batch = order[k * config.batch_size:(k + 1) * config.batch_size]
+                batch.sort(key=lambda i: examples[i].length)  # micro-batches of similar length
                 opt.zero_grad(set_to_none=True)
                 total = 0.0
                 for part in chunks(batch, config.micro_batch):
@@ -432,6 +446,7 @@ def train(model, tokenizer, config: TrainConfig, out_dir: str | Path, progress: 
     record = {"config": config.to_dict(), "steps": step, "final_loss": losses[-1]["loss"],
               "lr_absolute": opt.param_groups[0]["initial_lr"],
               "teacher_truncated": teacher_truncated(examples, config),
+              "teacher_topk_mass": teacher_mass(examples),
               "kvp_version": kvp.__version__, "git_commit": git_commit(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "wall_s": round(time.time() - started, 1), "n_examples": len(examples)}
