@@ -115,8 +115,8 @@ def block_forward_batch(model, items: list[tuple[torch.Tensor, list[torch.Tensor
     logits equal its own :func:`block_forward` (up to floating-point reduction order).
     """
     embeds, layouts = zip(*(joint_embeddings(model, *item, wrapper) for item in items))
-    if keep > min(l.final[1] - l.final[0] for l in layouts):
-        raise ValueError(f"keep={keep} is longer than the shortest final block")
+    if keep > min(l.length for l in layouts):
+        raise ValueError(f"keep={keep} is longer than the shortest sequence")
     length = max(l.length for l in layouts)
     dtype, device = model.dtype, model.device
     x = torch.stack([torch.nn.functional.pad(e, (0, 0, length - len(e), 0))
