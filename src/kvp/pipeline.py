@@ -172,13 +172,16 @@ def load_wrapper(spec: str, model, model_name: str, dataset: str, seed: int = 0,
         return PacketWrapper.init_from_embeddings(model, 8, 8, seed, model_name=model_name)
     if spec == "shipped" or spec.startswith("shipped:"):
         name = spec.partition(":")[2] or dataset
-        return load_adapter(model_name, name, seed, Path(root) if root else ADAPTER_DIR)
-    path = Path(spec)
-    path = path / "wrapper.safetensors" if path.is_dir() else path
-    if not path.is_file():
-        raise ConfigError(f"ADAPTER={spec!r} is neither a known keyword nor an existing file; use "
-                          f"{WRAPPER_SPECS}")
-    return PacketWrapper.load(path, model_name=model_name)
+        wrapper = load_adapter(model_name, name, seed, Path(root) if root else ADAPTER_DIR)
+    else:
+        path = Path(spec)
+        path = path / "wrapper.safetensors" if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(f"ADAPTER={spec!r} is neither a known keyword nor an existing file; "
+                              f"use {WRAPPER_SPECS}")
+        wrapper = PacketWrapper.load(path, model_name=model_name)
+    wrapper.check_model(model, model_name)
+    return wrapper
 
 
 def dataset_options(dataset: str, n_docs: int, context_tokens: int, chunk_chars: int) -> dict:
