@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+
 import pytest
 
 import pandas as pd
 
-from kvp.adapters import (ADAPTER_DIR, RECIPES, SHIFTS, append_results, evaluate_adapters,
-                          load_adapter, paired_agreement, read_rows, recipe, results_markdown,
-                          seed_summary, summary_markdown)
+from kvp.adapters import (ADAPTER_DIR, RECIPES, SHIFTS, append_results, check_rows_budget,
+                          evaluate_adapters, load_adapter, main, paired_agreement, read_rows,
+                          recipe, results_markdown, seed_summary, summary_markdown)
 from kvp.metrics import agreement_f1
 from kvp.train import TrainConfig
 
@@ -68,9 +71,11 @@ def test_evaluation_table_on_two_samples(tmp_path, smollm):
     again = evaluate_adapters("smollm2-135m", "biography", "none", n=3, wrappers=["biography-seed0"],
                               max_new_tokens=8, rows_path=rows_path)
     resumed = read_rows(rows_path)
-    assert len(resumed) == 3 * 3 and list(again.n) == [3, 3, 3]
+    assert list(again.n) == [3, 3, 3]
+    assert len(resumed) == 3 * 3 + 2 * 3  # the other wrappers' rows of the first run are kept
     first = rows[rows.wrapper.isin(["", "biography-seed0"])]
-    reused = resumed[resumed.sample_id.isin(first.sample_id)]
+    reused = resumed[resumed.sample_id.isin(first.sample_id)
+                     & resumed.wrapper.isin(["", "biography-seed0"])]
     assert reused.ttft_ms.tolist() == pytest.approx(first.ttft_ms.tolist())  # not re-timed
     table = table[table.wrapper.isin(["", "biography-seed0"])]
     assert table.loc[table.method == "full_recompute", "agree_f1"].item() == 1.0
@@ -97,3 +102,51 @@ def test_seed_summary_by_hand():
     assert row.f1_mean == pytest.approx(0.65) and row.f1_sd == pytest.approx(0.05)
     assert row.agree_mean == pytest.approx(0.8) and row.f1_ratio == pytest.approx(0.65 / 0.8)
     assert (row.no_recompute_f1, row.no_recompute_agree) == (0.4, 0.5)
+
+
+SHIPPED_ROWS = ADAPTER_DIR / "rows" / "smollm2-135m__biography__none.csv.gz"
+
+
+def shipped_digests() -> dict[str, str]:
+    files = [ADAPTER_DIR / "results.csv", *sorted((ADAPTER_DIR / "rows").glob("*.csv.gz"))]
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def test_smaller_n_merges_into_the_rows_file_and_never_shrinks_it(tmp_path, smollm):
+    rows_path = tmp_path / "rows.csv.gz"
+    shutil.copy(SHIPPED_ROWS, rows_path)
+    before = read_rows(rows_path)
+    table = evaluate_adapters("smollm2-135m", "biography", "none", n=1, max_new_tokens=32,
+                              rows_path=rows_path)  # the shipped answers of sample 1 are reused
+    after = read_rows(rows_path)
+    assert len(after) == len(before) == 1200
+    assert list(table.n) == [1, 1, 1]
+    with pytest.raises(ValueError, match="max_new_tokens=\\[32\\], not 8.*--out DIR"):
+        check_rows_budget(rows_path, 8)
+
+
+def test_results_of_another_n_are_refused(tmp_path):
+    path = tmp_path / "results.csv"
+    shutil.copy(ADAPTER_DIR / "results.csv", path)
+    shipped = pd.read_csv(path, keep_default_na=False)
+    small = shipped[(shipped.dataset == "niah")].assign(n=2)
+    with pytest.raises(ValueError, match="niah · none at n=200, not n=2"):
+        append_results(small, path)
+    assert pd.read_csv(path, keep_default_na=False).equals(shipped)
+    other = small.assign(dataset="jsonl")  # a new cell merges, the shipped rows stay
+    append_results(other, path)
+    assert len(pd.read_csv(path)) == len(shipped) + len(other)
+
+
+def test_cli_evaluate_writes_outside_the_shipped_directory(tmp_path, monkeypatch, capsys, smollm):
+    before = shipped_digests()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):  # refused before anything runs
+        main(["evaluate", "--dataset", "biography", "--n", "2", "--max-new-tokens", "32",
+              "--update-shipped"])
+    assert "at n=200, not n=2" in capsys.readouterr().err
+    main(["evaluate", "--dataset", "biography", "--n", "1", "--max-new-tokens", "4"])
+    assert len(pd.read_csv(tmp_path / "results" / "adapters" / "results.csv")) == 3
+    assert (tmp_path / "results" / "adapters" / "rows" /
+            "smollm2-135m__biography__none.csv.gz").is_file()
+    assert shipped_digests() == before

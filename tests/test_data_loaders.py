@@ -82,14 +82,57 @@ def test_jsonl_validator_reports_every_line_and_field():
 def test_jsonl_round_trip(tmp_path):
     samples = load_dataset("biography", "test", n=3, seed=0)
     write_jsonl(samples, tmp_path / "b.jsonl")
-    assert load_dataset("jsonl", path=tmp_path / "b.jsonl") == samples
+    assert load_dataset("jsonl", path=tmp_path / "b.jsonl", n=None) == samples
     assert load_dataset("jsonl", path=tmp_path / "b.jsonl", n=2) == samples[:2]
     plain = tmp_path / "p.jsonl"
     plain.write_text(json.dumps({"id": "a", "documents": ["d"], "question": "q", "answers": ["x"]}) + "\n")
-    assert load_dataset("jsonl", "test", path=plain)[0] == Sample("a", ["d"], "q", ["x"],
+    assert load_dataset("jsonl", "test", n=1, path=plain)[0] == Sample("a", ["d"], "q", ["x"],
                                                                     {"dataset": "jsonl", "split": "test"})
     with pytest.raises(ValueError, match="path="):
         load_dataset("jsonl")
+
+
+def write_lines(path: Path, *records) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+GOOD = {"id": "a", "documents": ["d"], "question": "q", "answers": ["x"]}
+
+
+def test_jsonl_refuses_blank_text_empty_files_and_unknown_keys(tmp_path):
+    path = write_lines(tmp_path / "blank.jsonl", {**GOOD, "documents": ["fine", "  \n"]},
+                       {**GOOD, "id": "b", "answers": [" "]}, {**GOOD, "id": "c", "source": "web"})
+    with pytest.raises(JsonlError) as info:
+        load_dataset("jsonl", path=path, n=None)
+    assert [str(p) for p in info.value.problems] == [
+        "line 1, field 'documents': documents[1] is empty or whitespace only",
+        "line 2, field 'answers': answers[0] is empty or whitespace only",
+        "line 3, field 'source': unknown field; allowed: ['id', 'documents', 'question', "
+        "'answers', 'meta']"]
+    for text in ("", "\n  \n"):
+        (tmp_path / "empty.jsonl").write_text(text)
+        with pytest.raises(JsonlError, match="holds no samples"):
+            load_dataset("jsonl", path=tmp_path / "empty.jsonl", n=None)
+
+
+def test_jsonl_n_beyond_the_file_is_an_error(tmp_path):
+    path = write_lines(tmp_path / "two.jsonl", GOOD, {**GOOD, "id": "b"})
+    assert len(load_dataset("jsonl", path=path, n=2)) == 2
+    with pytest.raises(ValueError, match="n=3 but .*two.jsonl holds 2 samples; pass n <= 2"):
+        load_dataset("jsonl", path=path, n=3)
+
+
+def test_validate_command(tmp_path, capsys):
+    from kvp.data.__main__ import main
+
+    good = write_lines(tmp_path / "good.jsonl", GOOD, {**GOOD, "id": "b", "documents": ["x", "y"]})
+    assert main(["validate", str(good)]) == 0
+    assert "holds 2 samples with 3 documents" in capsys.readouterr().out
+    assert main(["validate", str(FIXTURES / "bad_samples.jsonl")]) == 1
+    assert "line 7, field 'answer'" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "none.jsonl")]) == 1
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_mixture_counts_determinism_and_split():

@@ -37,13 +37,13 @@ SMOKE: dict[str, tuple[dict, list[str]]] = {
 }
 
 
-def execute(name: str, params: dict, tmp_path: Path) -> tuple[Path, Path]:
+def execute(name: str, params: dict, tmp_path: Path, cwd: Path = ROOT) -> tuple[Path, Path]:
     """Run notebook ``name`` with ``params`` into ``tmp_path``; return (OUT_DIR, FIG_DIR)."""
     out_dir, fig_dir = tmp_path / "out", tmp_path / "figures"
     papermill.execute_notebook(
         str(ROOT / "notebooks" / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
         parameters={**params, "OUT_DIR": str(out_dir), "FIG_DIR": str(fig_dir)},
-        kernel_name="python3", cwd=str(ROOT), progress_bar=False, log_output=False)
+        kernel_name="python3", cwd=str(cwd), progress_bar=False, log_output=False)
     return out_dir, fig_dir
 
 
@@ -74,6 +74,25 @@ def test_parameter_of_the_wrong_type_fails_in_the_check_cell(tmp_path):
     code = [c for c in executed.cells if c.cell_type == "code"]
     failed = [i for i, c in enumerate(code) if any(o.get("output_type") == "error" for o in c.outputs)]
     assert len(failed) == 1 and "check_params" in code[failed[0]].source
+    assert not (tmp_path / "out").exists()
+
+
+def test_user_jsonl_through_notebook_03_started_in_notebooks(tmp_path):
+    """DATA_PATH and REFERENCE are relative to the repository root, the kernel runs in notebooks/."""
+    data = "tests/fixtures/user_samples.jsonl"
+    out_dir, fig_dir = execute("03_evaluate", {
+        "DATASET": "jsonl", "DATA_PATH": data, "N_SAMPLES": 2, "ADAPTER": "untrained",
+        "MAX_NEW_TOKENS": 4, "METHODS": ["full_recompute", "kv_packet"]}, tmp_path,
+        cwd=ROOT / "notebooks")
+    table = read_run_results(out_dir).table
+    assert set(table.dataset) == {"jsonl"} and set(table.n) == {2}
+    assert (fig_dir / "fig3_main_results_jsonl.png").is_file()
+
+
+def test_unknown_parameter_name_is_refused(tmp_path):
+    with pytest.raises(papermill.PapermillExecutionError) as info:
+        execute("03_evaluate", {"N_SAMPLE": 2}, tmp_path)
+    assert info.value.ename == "ConfigError" and "unknown parameter N_SAMPLE" in info.value.evalue
     assert not (tmp_path / "out").exists()
 
 

@@ -229,3 +229,33 @@ def test_failing_cell_does_not_stop_the_matrix(tmp_path):
     report = json.loads((tmp_path / "tiny_fail" / "pipeline.json").read_text())
     assert report["failures"] == [{"run_id": failed.name, "log": str(log),
                                    "error": "RuntimeError: tiny notebook asked to fail"}]
+
+
+# ------------------------------------------------------------------ errors caught before running
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    (tmp_path / "broken.yaml").write_text("description: x\nnotebooks:\n  03_evaluate: {params: [\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml, line \d+: YAML syntax error"):
+        load_profile("broken", tmp_path)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"N_SAMPLES": "20"}, "N_SAMPLES='20' has type str"),
+    ({"RECOMPUTE_RATIOS": [0.3, 1.5]}, "ratio=1.5 must be within [0, 1]"),
+    ({"EPIC_TOKENS": [-1]}, "n_tokens=-1 must be >= 0"),
+    ({"DATASET": "jsonl"}, "DATASET='jsonl' needs DATA_PATH"),
+    ({"DATASET": "jsonl", "DATA_PATH": "no/such.jsonl"}, "DATA_PATH='no/such.jsonl' is not a file"),
+])
+def test_dry_run_checks_types_method_settings_and_data_files(params, message, tmp_path):
+    profile = profile_of({"notebooks": {"03_evaluate": {"params": params}}})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(profile, profile.runs(tmp_path), ROOT / "notebooks", need_files=False)
+
+
+def test_unknown_parameter_and_string_ratio_are_refused():
+    from kvp.methods import get_method
+
+    schema = {"N_SAMPLES": int}
+    with pytest.raises(ConfigError, match="unknown parameter N_SAMPLE; .*'N_SAMPLES'"):
+        check_params({"N_SAMPLES": 2, "N_SAMPLE": 3}, schema)
+    with pytest.raises(ValueError, match="ratio='0.3' is a str; pass a number"):
+        get_method("a3", ratio="0.3")

@@ -33,6 +33,10 @@ def test_save_fig_writes_png_and_pdf(tmp_path):
     png, pdf = plots.save_fig(fig, "demo", fig_dir=tmp_path / "figs")
     assert png.read_bytes().startswith(b"\x89PNG") and pdf.read_bytes().startswith(b"%PDF")
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["demo.pdf", "demo.png"]
+    assert b"/CreationDate" not in pdf.read_bytes()  # a re-drawn, unchanged figure is the same file
+    first = pdf.read_bytes(), png.read_bytes()
+    plots.save_fig(fig, "demo", fig_dir=tmp_path / "figs")
+    assert (pdf.read_bytes(), png.read_bytes()) == first
     with pytest.raises(ValueError, match="'demo'"):
         plots.save_fig(fig, "demo.png", fig_dir=tmp_path)
     plt.close(fig)

@@ -171,7 +171,7 @@ SHIFTS: dict[str, dict[str, dict]] = {
              "long_context": {**NIAH_OPTIONS, "context_tokens": 3072}},
 }
 RESULT_COLUMNS = ["model", "dataset", "split_shift", "method", "seed", "n", "f1_micro", "ci_low",
-                  "ci_high", "agree_f1", "wrapper"]
+                  "ci_high", "agree_f1", "wrapper", "max_new_tokens"]
 
 
 def parse_adapter(name: str) -> tuple[str, int]:
@@ -198,6 +198,8 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
     rewritten after the baselines and after each wrapper, and a later call reuses the rows it holds
     for the same (sample, method, wrapper, ``max_new_tokens``): an interrupted run resumes, and a
     larger ``n`` evaluates only the new samples (the test samples of a seed are prefix-stable).
+    The file only grows: rows of other samples or wrappers are kept, so a smaller ``n`` never
+    shrinks it, and a file holding another decoding budget is refused (:func:`check_rows_budget`).
     """
     from kvp.data import load_dataset
     from kvp.evaluate import EvalSettings, evaluate, summarize
@@ -205,13 +207,16 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
     from kvp.models import load_model
     from kvp.packet import PacketStore
 
+    if rows_path is not None:
+        check_rows_budget(rows_path, max_new_tokens)
     model, tokenizer, spec = load_model(model_name, dtype=dtype)
     spec.require_trained()
     samples = load_dataset(dataset, "test", n=n, seed=42, **SHIFTS[dataset][shift])
     settings = EvalSettings(model_name, max_new_tokens=max_new_tokens)
     store = PacketStore(model, tokenizer, model_name, max_in_memory=64)  # documents don't recur
     order = {s.id: i for i, s in enumerate(samples)}
-    previous = reusable_rows(rows_path, max_new_tokens, order)
+    everything = read_rows(rows_path) if rows_path is not None else None
+    previous = reusable_rows(everything, max_new_tokens, order)
     parts: list[pd.DataFrame] = []
 
     def run(methods: list[str], seed: int, wrapper_name: str, wrapper=None) -> pd.DataFrame:
@@ -230,9 +235,8 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
         done = done.sort_values("sample_id", key=lambda ids: ids.map(order), kind="stable")
         parts.append(done.reset_index(drop=True))
         if rows_path is not None:
-            with atomic_path(rows_path) as tmp:
-                pd.concat(parts, ignore_index=True).assign(split_shift=shift).to_csv(
-                    tmp, index=False, compression="gzip")
+            write_rows(rows_path, merge_rows(everything, pd.concat(parts, ignore_index=True)
+                                             .assign(split_shift=shift)))
         return parts[-1]
 
     base = run(["full_recompute", "no_recompute"], -1, "")
@@ -247,8 +251,12 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
             subset=["sample_id", "method"])
         summary = summarize(with_ref)
         summary = summary[summary.method.isin(part.method.unique())]
-        out.append(summary.assign(split_shift=shift, seed=seed, wrapper=wrapper))
+        out.append(summary.assign(split_shift=shift, seed=seed, wrapper=wrapper,
+                                  max_new_tokens=max_new_tokens))
     return pd.concat(out, ignore_index=True)[RESULT_COLUMNS]
+
+
+ROW_KEY = ["sample_id", "method", "wrapper"]
 
 
 def read_rows(path: Path) -> pd.DataFrame | None:
@@ -263,19 +271,86 @@ def read_rows(path: Path) -> pd.DataFrame | None:
     return rows
 
 
-def reusable_rows(path: Path | None, max_new_tokens: int | None, sample_ids) -> pd.DataFrame:
+def write_rows(path: Path, rows: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        rows.to_csv(tmp, index=False, compression="gzip")
+
+
+def merge_rows(old: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:
+    """``new`` plus every row of ``old`` it does not replace (same sample, method and wrapper):
+    a rows file only grows."""
+    if old is None or not len(old):
+        return new
+    replaced = old.set_index(ROW_KEY).index.isin(new.set_index(ROW_KEY).index)
+    return pd.concat([old[~replaced], new], ignore_index=True)
+
+
+def budgets(values: pd.Series) -> set:
+    """Decoding budgets of a column (``None`` for the dataset's default)."""
+    return {None if v in ("", None) or pd.isna(v) else int(float(v)) for v in values}
+
+
+def check_rows_budget(path: Path, max_new_tokens: int | None) -> None:
+    """Refuse to add rows of budget ``max_new_tokens`` to a rows file holding another budget."""
+    rows = read_rows(path)
+    if rows is None or not len(rows):
+        return
+    if "max_new_tokens" not in rows:
+        raise ValueError(f"{path} predates recorded decoding budgets, so rows of "
+                         f"--max-new-tokens {max_new_tokens} cannot be merged into it safely; "
+                         "write elsewhere with --out DIR, or delete the file to re-evaluate")
+    held = budgets(rows["max_new_tokens"]) - {max_new_tokens}
+    if held:
+        raise ValueError(f"{path} holds rows of max_new_tokens={sorted(held, key=str)}, not "
+                         f"{max_new_tokens}; one file keeps one decoding budget. Re-run with "
+                         f"--max-new-tokens {sorted(held, key=str)[0]} or write elsewhere "
+                         "with --out DIR")
+
+
+def reusable_rows(rows: pd.DataFrame | None, max_new_tokens: int | None,
+                  sample_ids) -> pd.DataFrame:
     """The rows of an earlier run that this one may reuse: same decoding budget, requested samples
     (none from a file written before the budget was recorded)."""
-    rows = read_rows(path) if path is not None else None
     if rows is None or "max_new_tokens" not in rows:
-        return pd.DataFrame(columns=["sample_id", "method", "wrapper"])
-    budget = pd.to_numeric(rows["max_new_tokens"], errors="coerce")
-    same = budget.isna() if max_new_tokens is None else budget == max_new_tokens
+        return pd.DataFrame(columns=ROW_KEY)
+    same = rows["max_new_tokens"].map(lambda v: budgets([v]) == {max_new_tokens})
     return rows[same & rows.sample_id.isin(sample_ids)]
 
 
+CELL = ["model", "dataset", "split_shift"]
+
+
+def check_results_compatible(path: Path, model: str, dataset: str, shift: str, n: int,
+                             max_new_tokens: int | None) -> None:
+    """Refuse rows of another ``n`` or decoding budget for a (model, dataset, shift) cell that
+    ``path`` already holds: one table compares results of one sample count and budget."""
+    if not path.exists():
+        return
+    old = pd.read_csv(path, keep_default_na=False)
+    cell = old[(old.model == model) & (old.dataset == dataset) & (old.split_shift == shift)]
+    other_n = sorted(set(cell.n.astype(int)) - {n})
+    if other_n:
+        raise ValueError(f"{path} holds {model} · {dataset} · {shift} at n={other_n[0]}, not "
+                         f"n={n}; one table keeps one n per cell. Use --n {other_n[0]}, or write "
+                         "elsewhere with --out DIR")
+    if "max_new_tokens" in cell:
+        known = {b for b in budgets(cell.max_new_tokens)} - {max_new_tokens}
+        known.discard(None)  # rows written before the budget was recorded
+        if known:
+            raise ValueError(f"{path} holds {model} · {dataset} · {shift} at max_new_tokens="
+                             f"{sorted(known)[0]}, not {max_new_tokens}; use --max-new-tokens "
+                             f"{sorted(known)[0]}, or write elsewhere with --out DIR")
+
+
 def append_results(table: pd.DataFrame, path: Path) -> None:
-    """Append rows to the results CSV (written whole through a temporary file)."""
+    """Merge rows into the results CSV (written whole through a temporary file): rows of the same
+    cell, method, seed and wrapper are replaced, every other row is kept; a table of another ``n``
+    or decoding budget for the same cell is refused (:func:`check_results_compatible`)."""
+    for (model, dataset, shift), part in table.groupby(CELL):
+        for n in sorted(set(part.n)):
+            check_results_compatible(path, model, dataset, shift, int(n),
+                                     (budgets(part.max_new_tokens) or {None}).pop()
+                                     if "max_new_tokens" in part else None)
     merged = table
     if path.exists():
         old = pd.read_csv(path, keep_default_na=False)
@@ -371,7 +446,8 @@ def summary_markdown(results: pd.DataFrame, rows_dir: Path | None = None) -> str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train or evaluate the shipped adapters.")
+    parser = argparse.ArgumentParser(prog="python -m kvp.adapters",
+                                     description="Train or evaluate the shipped adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train recipes into data/adapters")
     tr.add_argument("--model", default="smollm2-135m")
@@ -385,22 +461,29 @@ def main(argv: list[str] | None = None) -> int:
                     "(biography only; default: the shipped recipe)")
     tr.add_argument("--teacher-only", action="store_true",
                     help="only fill the teacher cache (then train seeds in parallel processes)")
-    ev = sub.add_parser("evaluate", help="append F1/agreement rows to data/adapters/results.csv")
-    ev.add_argument("--model", default="smollm2-135m")
-    ev.add_argument("--dataset", required=True, choices=sorted(SHIFTS))
-    ev.add_argument("--shift", default="none")
+    ev = sub.add_parser("evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        help="merge F1/agreement rows into OUT/results.csv and per-sample answers "
+                        "into OUT/rows/ (OUT: results/adapters, or data/adapters with "
+                        "--update-shipped)")
+    ev.add_argument("--model", default="smollm2-135m", help="registry name of the model")
+    ev.add_argument("--dataset", required=True, choices=sorted(SHIFTS), help="test set")
+    ev.add_argument("--shift", default="none", help="held-out context shift (kvp.adapters.SHIFTS)")
     ev.add_argument("--wrappers", nargs="+", default=None,
                     help="adapters to compare, e.g. niah-seed0 niah-seed1 mixture-seed0 "
                     "(default: DATASET-seed0)")
-    ev.add_argument("--n", type=int, default=100)
-    ev.add_argument("--max-new-tokens", type=int, default=None)
-    ev.add_argument("--root", type=Path, default=ADAPTER_DIR)
+    ev.add_argument("--n", type=int, default=100, help="test samples (seed 42)")
+    ev.add_argument("--max-new-tokens", type=int, default=None,
+                    help="decoding budget (default: the dataset's)")
+    ev.add_argument("--root", type=Path, default=ADAPTER_DIR, help="where the adapters are read")
+    ev.add_argument("--out", type=Path, default=None,
+                    help="directory of results.csv and rows/ (default: results/adapters)")
+    ev.add_argument("--update-shipped", action="store_true",
+                    help="write into the shipped data/adapters (refused for another n or budget "
+                    "than the shipped cell's)")
     ev.add_argument("--dtype", default="float32",
                     help="precision of the model (default float32, as the adapters train)")
-    ev.add_argument("--rows", type=Path, default=None,
-                    help="per-sample rows file (default ROOT/rows/MODEL__DATASET__SHIFT.csv.gz)")
     ev.add_argument("--results", type=Path, default=None,
-                    help="CSV to append to (default: ROOT/results.csv)")
+                    help="CSV to merge into (default: OUT/results.csv)")
     tb = sub.add_parser("table", help="print results.csv, its seed summary and paired gains as "
                         "markdown, and draw ROOT/results.png")
     tb.add_argument("--root", type=Path, default=ADAPTER_DIR)
@@ -414,11 +497,22 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "evaluate":
         if args.shift not in SHIFTS[args.dataset]:
             parser.error(f"--shift {args.shift!r}: use one of {sorted(SHIFTS[args.dataset])}")
-        rows = args.rows or args.root / "rows" / f"{args.model}__{args.dataset}__{args.shift}.csv.gz"
+        if args.update_shipped and args.out is not None:
+            parser.error("--update-shipped writes into data/adapters; drop --out or it")
+        out = ADAPTER_DIR if args.update_shipped else args.out or Path("results") / "adapters"
+        rows = out / "rows" / f"{args.model}__{args.dataset}__{args.shift}.csv.gz"
+        results = args.results or out / "results.csv"
+        try:  # before the long evaluation: nothing would be written
+            check_rows_budget(rows, args.max_new_tokens)
+            check_results_compatible(results, args.model, args.dataset, args.shift, args.n,
+                                     args.max_new_tokens)
+        except ValueError as err:
+            parser.error(str(err))
         table = evaluate_adapters(args.model, args.dataset, args.shift, args.n, args.wrappers,
                                   args.root, args.max_new_tokens, rows, args.dtype)
-        append_results(table, args.results or args.root / "results.csv")
+        append_results(table, results)
         print(table.to_string(index=False))
+        print(f"wrote {results} and {rows}")
     elif args.command == "table":
         print(results_markdown(args.root / "results.csv"))
         results = pd.read_csv(args.root / "results.csv", keep_default_na=False)

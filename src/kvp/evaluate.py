@@ -10,6 +10,8 @@ CI, agreement with ``full_recompute``'s answers, median TTFT and mean FLOPs.
 
 from __future__ import annotations
 
+import time
+import warnings
 from dataclasses import dataclass
 
 import pandas as pd
@@ -19,7 +21,16 @@ from kvp.data import Sample
 from kvp.data.prompts import build_segments, dataset_of, extract_answer, generation_config
 from kvp.methods import Method, QueryContext, make_context, run_method
 from kvp.metrics import agreement_f1, bootstrap_ci, f1_micro, token_f1
-from kvp.packet import PacketStore, PacketWrapper
+from kvp.packet import PacketStore, PacketWrapper, check_length, tokenize_document
+
+
+class SampleError(RuntimeError):
+    """A sample that could not be evaluated; ``rows`` holds the rows finished before it."""
+
+    def __init__(self, message: str, sample_id: str, rows: pd.DataFrame):
+        super().__init__(message)
+        self.sample_id = sample_id
+        self.rows = rows
 
 def sample_context(model, tokenizer, store: PacketStore, sample: Sample,
                    wrapper: PacketWrapper | None = None) -> QueryContext:
@@ -35,21 +46,74 @@ class EvalSettings:
     model_name: str
     max_new_tokens: int | None = None
     progress: bool = True
+    warmup: bool = True  # run every method once (one new token) on the first sample, untimed
+
+
+def check_documents(model, tokenizer, sample: Sample, wrapper: PacketWrapper | None) -> None:
+    """Raise naming the document index of the first document that cannot become a packet."""
+    h_t = wrapper.h + wrapper.t if wrapper is not None else 0
+    for i, document in enumerate(sample.documents):
+        try:
+            check_length(model, len(tokenize_document(tokenizer, document)) + h_t, "it")
+        except ValueError as err:
+            raise ValueError(f"document {i}: {err}") from err
+
+
+def warn_on_transfer(wrapper: PacketWrapper | None, samples: list[Sample]) -> None:
+    """Warn when the wrapper was trained on another dataset than the samples' (a mixture covers its
+    components)."""
+    config = (wrapper.record or {}).get("config", {}) if wrapper is not None else {}
+    trained = config.get("dataset")
+    if not trained or not samples:
+        return
+    covered = {trained, *config.get("dataset_options", {}).get("components", {})}
+    evaluated = sorted({s.meta.get("dataset", "jsonl") for s in samples} - covered)
+    if evaluated:
+        warnings.warn(f"the wrapper was trained on {trained!r} and is applied to {evaluated}: "
+                      "kv_packet measures a transfer here; train a wrapper on this data for an "
+                      "in-distribution number", stacklevel=3)
 
 
 def evaluate(model, tokenizer, samples: list[Sample], methods: list[Method],
              settings: EvalSettings, wrapper: PacketWrapper | None = None,
              store: PacketStore | None = None) -> pd.DataFrame:
-    """One row per (sample, method): answer, gold answers, token F1 parts, TTFT, FLOPs, meta."""
+    """One row per (sample, method): answer, gold answers, token F1 parts, TTFT, FLOPs, meta.
+
+    With ``settings.warmup`` every method first runs once, untimed, on the first sample (a cold
+    first run would otherwise inflate the first method's TTFT); ``rows.attrs["warmup_s"]`` is its
+    wall time. A sample that fails raises :class:`SampleError` naming its id (and the document
+    index where a document is at fault), with the rows finished before it in ``error.rows``.
+    """
     store = store or PacketStore(model, tokenizer, settings.model_name)
+    if wrapper is not None:
+        wrapper.check_model(model, settings.model_name)
+    warn_on_transfer(wrapper, samples)
     rows = []
+    warmup_s = 0.0
     bar = tqdm(total=len(samples) * len(methods), desc="evaluate", disable=not settings.progress)
-    for sample in samples:
-        dataset = dataset_of(sample, None)
-        config = generation_config(tokenizer, dataset, settings.max_new_tokens)
-        ctx = sample_context(model, tokenizer, store, sample, wrapper)
-        for method in methods:
-            result = run_method(method, ctx, config)
+    for index, sample in enumerate(samples):
+        try:
+            check_documents(model, tokenizer, sample, wrapper)
+            dataset = dataset_of(sample, None)
+            config = generation_config(tokenizer, dataset, settings.max_new_tokens)
+            ctx = sample_context(model, tokenizer, store, sample, wrapper)
+            if settings.warmup and index == 0:
+                t0 = time.perf_counter()
+                for method in methods:
+                    run_method(method, ctx, generation_config(tokenizer, dataset, 1))
+                warmup_s = time.perf_counter() - t0
+            results = []
+            for method in methods:
+                results.append(run_method(method, ctx, config))
+                bar.set_postfix(method=method.name)
+                bar.update()
+        except Exception as err:
+            bar.close()
+            raise SampleError(f"sample {sample.id!r} (#{index} of {len(samples)}): {err}. The "
+                              f"{len(rows)} rows finished before it are in error.rows; fix or "
+                              "drop this sample and run again", sample.id, pd.DataFrame(rows)
+                              ) from err
+        for result in results:
             answer = extract_answer(result.answer, dataset)
             counts = token_f1(answer, sample.answers)
             rows.append({
@@ -62,10 +126,10 @@ def evaluate(model, tokenizer, samples: list[Sample], methods: list[Method],
                 "context_tokens": result.context_tokens,
                 **{f"meta_{k}": v for k, v in sample.meta.items()},
             })
-            bar.set_postfix(method=result.method)
-            bar.update()
     bar.close()
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out.attrs["warmup_s"] = warmup_s
+    return out
 
 
 def summarize(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -85,3 +149,74 @@ def summarize(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataF
                         "n": len(g), "f1_micro": f1, "ci_low": low, "ci_high": high,
                         "agree_f1": agree, "ttft_ms": g.ttft_ms.median(), "flops": g.flops.mean()})
     return pd.DataFrame(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kvp.evaluate --jsonl FILE --out DIR``: methods and an adapter on a user file."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from kvp.data import load_dataset
+    from kvp.models import load_model
+    from kvp.pipeline import WRAPPER_SPECS, load_wrapper, method_grid
+    from kvp.results import RESULTS_FILE, atomic_path, write_run_results
+
+    parser = argparse.ArgumentParser(
+        prog="python -m kvp.evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Evaluate reuse methods on your own JSONL file (see python -m kvp.data "
+        "validate); writes OUT/results.csv (one row per method setting), OUT/samples.csv (one "
+        "row per sample and method), config.json and metrics.json.")
+    parser.add_argument("--jsonl", type=Path, required=True, help="dataset file, one sample a line")
+    parser.add_argument("--out", type=Path, required=True, help="directory to write into")
+    parser.add_argument("--model", default="smollm2-135m", help="registry name, hub id or path")
+    parser.add_argument("--methods", nargs="+", default=["full_recompute", "no_recompute",
+                                                         "kv_packet"], help="kvp.methods names")
+    parser.add_argument("--adapter", default="shipped:biography",
+                        help=f"wrapper for kv_packet: {WRAPPER_SPECS}")
+    parser.add_argument("--adapter-seed", type=int, default=0, help="seed of a shipped adapter")
+    parser.add_argument("--n", type=int, default=None, help="first N samples (default: all)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="decoding budget (default: the jsonl dataset's, 64)")
+    parser.add_argument("--recompute-ratios", type=float, nargs="+", default=[0.3],
+                        help="ratios of cache_blend, a3 and rand_recompute")
+    parser.add_argument("--epic-tokens", type=int, nargs="+", default=[32],
+                        help="tokens recomputed per document by epic")
+    parser.add_argument("--seed", type=int, default=42, help="bootstrap seed")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier run in OUT")
+    args = parser.parse_args(argv)
+    if (args.out / RESULTS_FILE).exists() and not args.overwrite:
+        parser.error(f"{args.out / RESULTS_FILE} exists; pass --overwrite to replace it, or "
+                     "another --out")
+    try:
+        samples = load_dataset("jsonl", "test", n=args.n, path=args.jsonl)
+        methods = method_grid(args.methods, args.recompute_ratios, args.epic_tokens)
+    except ValueError as err:
+        parser.error(str(err))
+    model, tokenizer, spec = load_model(args.model)
+    spec.require_trained()
+    wrapper = (load_wrapper(args.adapter, model, args.model, "jsonl", args.adapter_seed)
+               if "kv_packet" in args.methods else None)
+    store = PacketStore(model, tokenizer, args.model)
+    config = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    try:
+        rows = evaluate(model, tokenizer, samples, methods,
+                        EvalSettings(args.model, args.max_new_tokens), wrapper, store)
+    except SampleError as err:
+        with atomic_path(args.out / "samples.partial.csv") as tmp:
+            err.rows.to_csv(tmp, index=False)
+        print(f"error: {err}\nfinished rows: {args.out / 'samples.partial.csv'}", file=sys.stderr)
+        return 1
+    summary = summarize(rows, seed=args.seed)
+    write_run_results(args.out, summary, config, {"n_samples": len(samples),
+                                                   "packets_encoded": store.n_encoded})
+    with atomic_path(args.out / "samples.csv") as tmp:
+        rows.to_csv(tmp, index=False)
+    print(summary.round(3).to_string(index=False))
+    print(f"wrote {args.out / RESULTS_FILE} and {args.out / 'samples.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

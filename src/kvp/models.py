@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -253,8 +255,48 @@ def converted_dir(name: str) -> Path:
     return cache_dir() / "models" / f"{name}-{EMBEDDED[name].sha256[:12]}"
 
 
+WEIGHTS_RECORD = "kvp-weights.json"  # size and sha256 of the converted model.safetensors
+_hashed_this_process: dict[str, tuple[int, int]] = {}  # weights path -> (size, mtime_ns) verified
+
+
+def weights_problem(target: Path) -> str | None:
+    """Why the converted weights in ``target`` differ from their record (``None``: intact).
+
+    The size is compared on every call, the sha256 once per process (again when the file's size
+    or modification time changes).
+    """
+    weights, record_path = target / "model.safetensors", target / WEIGHTS_RECORD
+    if not record_path.exists():
+        return f"no {WEIGHTS_RECORD} (a conversion of an older kvp)"
+    if not weights.exists():
+        return "model.safetensors is missing"
+    try:
+        record = json.loads(record_path.read_text())
+        size, digest = int(record["size"]), str(record["sha256"])
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{record_path.name} is unreadable ({err})"
+    stat = weights.stat()
+    if stat.st_size != size:
+        return f"model.safetensors has {stat.st_size} bytes, {size} were written"
+    if _hashed_this_process.get(str(weights)) == (stat.st_size, stat.st_mtime_ns):
+        return None
+    found = _sha256(weights)
+    if found != digest:
+        return f"model.safetensors has sha256 {found}, {digest} was written"
+    _hashed_this_process[str(weights)] = (stat.st_size, stat.st_mtime_ns)
+    return None
+
+
+def record_weights(target: Path) -> None:
+    """Write the size and sha256 of ``target/model.safetensors`` beside it."""
+    weights = target / "model.safetensors"
+    (target / WEIGHTS_RECORD).write_text(json.dumps(
+        {"size": weights.stat().st_size, "sha256": _sha256(weights)}) + "\n")
+
+
 def ensure_converted(name: str) -> Path:
-    """De-quantise the embedded GGUF once into safetensors; later calls only check the marker.
+    """De-quantise the embedded GGUF once into safetensors; later calls check the marker and the
+    converted weights (:func:`weights_problem`), and convert again when they were damaged.
 
     The conversion is written into a temporary directory and renamed into place atomically, so an
     interrupted conversion leaves no broken cache.
@@ -265,9 +307,15 @@ def ensure_converted(name: str) -> Path:
     def finished() -> bool:
         return marker.exists() and marker.read_text().strip() == EMBEDDED[name].sha256
 
+    damaged = None
     if finished():
-        return target
-    shutil.rmtree(target, ignore_errors=True)
+        damaged = weights_problem(target)
+        if damaged is None:
+            return target
+        warnings.warn(f"converted model {target} fails verification ({damaged}); converting it "
+                      "again from the hash-checked GGUF", stacklevel=2)
+    else:
+        shutil.rmtree(target, ignore_errors=True)
     gguf = embedded_gguf(name)
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -285,14 +333,18 @@ def ensure_converted(name: str) -> Path:
         model.generation_config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
+        record_weights(tmp)
         (tmp / "kvp-source.sha256").write_text(EMBEDDED[name].sha256 + "\n")
+        if damaged is not None:  # moved aside, not deleted first: readers never see no copy
+            os.replace(target, tmp.with_name(tmp.name + "-damaged"))
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished the same conversion first: keep its copy
-            if not finished():
+            if not finished() or weights_problem(target) is not None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp.with_name(tmp.name + "-damaged"), ignore_errors=True)
     return target
 
 

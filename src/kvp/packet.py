@@ -83,11 +83,12 @@ class PacketWrapper(torch.nn.Module):
         """Write safetensors with metadata (model name, d_model, h, t, dtype, training record)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"model_name": self.model_name, "d_model": str(self.d_model), "h": str(self.h),
-                "t": str(self.t), "dtype": str(self.header.dtype).removeprefix("torch."),
-                "record": json.dumps(self.record, sort_keys=True)}
         tensors = {"header": self.header.detach().cpu().contiguous(),
                    "trailer": self.trailer.detach().cpu().contiguous()}
+        meta = {"model_name": self.model_name, "d_model": str(self.d_model), "h": str(self.h),
+                "t": str(self.t), "dtype": str(self.header.dtype).removeprefix("torch."),
+                "record": json.dumps(self.record, sort_keys=True),
+                "sha256": tensors_sha256(tensors)}
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
             pass
         try:
@@ -99,12 +100,26 @@ class PacketWrapper(torch.nn.Module):
     @classmethod
     def load(cls, path: str | Path, model_name: str | None = None,
              d_model: int | None = None) -> PacketWrapper:
-        """Load a wrapper; refuse one made for another model (names both) or another d_model."""
-        from safetensors import safe_open
+        """Load a wrapper; refuse a damaged file (the ``sha256`` of its metadata, when present,
+        must match its tensors) and one made for another model (names both) or another d_model."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
+        fix = ("restore the file (git checkout -- <path> for a shipped adapter) or train it again "
+               "with python -m kvp.train")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"wrapper {path} does not exist; pass the path of a "
+                                    f"wrapper.safetensors, or {fix}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+            tensors["header"], tensors["trailer"]
+        except (SafetensorError, OSError, KeyError) as err:
+            raise ValueError(f"wrapper {path} is damaged or not a wrapper file ({err}); "
+                             f"{fix}") from err
+        if "sha256" in meta and meta["sha256"] != tensors_sha256(tensors):
+            raise ValueError(f"wrapper {path} is damaged: its tensors do not match the sha256 "
+                             f"saved with them ({meta['sha256'][:16]}…); {fix}")
         saved_name, saved_d = meta.get("model_name", ""), int(meta.get("d_model", -1))
         if d_model is not None and saved_d != d_model:
             raise ValueError(f"wrapper {path} has d_model {saved_d} (model {saved_name!r}) but the "
@@ -117,10 +132,22 @@ class PacketWrapper(torch.nn.Module):
                    record=json.loads(meta.get("record", "{}")))
 
     def check_model(self, model, model_name: str | None = None) -> None:
+        """Refuse a model of another d_model, or of another registry name when both are known."""
         d = model.config.hidden_size
         if self.d_model != d or (model_name and self.model_name and self.model_name != model_name):
             raise ValueError(f"wrapper for {self.model_name!r} (d_model {self.d_model}) cannot wrap "
-                             f"documents of {model_name or type(model).__name__!r} (d_model {d})")
+                             f"documents of {model_name or type(model).__name__!r} (d_model {d}); "
+                             "use a wrapper trained for this model")
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of ``tensors`` (the checksum of a saved wrapper)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -164,6 +191,7 @@ def wrap_embeddings(model, doc_ids: torch.Tensor, wrapper: PacketWrapper | None)
     emb = model.get_input_embeddings()(doc_ids.to(model.device))  # (n_doc, d_model)
     if wrapper is None or (wrapper.h == 0 and wrapper.t == 0):
         return emb
+    wrapper.check_model(model)
     header, trailer = (x.to(emb.device, emb.dtype) for x in (wrapper.header, wrapper.trailer))
     return torch.cat([header, emb, trailer], dim=0)  # the wrapper may live on another device
 

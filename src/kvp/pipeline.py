@@ -74,6 +74,17 @@ class ConfigError(ValueError):
     """A profile or a parameter value that cannot be run; the message says how to fix it."""
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Datasets read from a file named by DATA_PATH (required for jsonl, optional for the hub ones).
+FILE_DATASETS = ("jsonl", "hotpotqa", "musique")
+
+
+def repo_path(path: str) -> str:
+    """``path`` resolved against the repository root when relative (``""`` stays ``""``): a
+    notebook opened in ``notebooks/`` reads and writes where the pipeline's run does."""
+    return str(REPO_ROOT / path) if path and not Path(path).is_absolute() else path
+
+
 # ------------------------------------------------------------------------------- value checks
 def allowed_models() -> list[str]:
     """Registry names accepted as MODEL (hub ids containing "/" and existing paths also are)."""
@@ -133,14 +144,31 @@ def _matches(value: Any, expected: Any) -> bool:
     return isinstance(value, expected)
 
 
+def _injectable(value: Any) -> bool:
+    """Whether ``value`` is of a type papermill can inject as a parameter."""
+    return value is None or isinstance(value, (str, int, float, bool, list, dict))
+
+
+def _imported(name: str, value: Any) -> bool:
+    """Whether ``value`` is the constant ``name`` of a loaded kvp module (imported, not injected)."""
+    return any(getattr(module, name, None) is value for key, module in list(sys.modules.items())
+               if key.split(".")[0] == "kvp")
+
+
 def check_params(values: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
     """Check a notebook's parameters against ``schema`` (name → type hint), then their names.
 
     Call it in the first code cell after the ``parameters`` cell, e.g.
     ``check_params(globals(), {"MODEL": str, "N_SAMPLES": int, "METHODS": list[str]})``.
     Raises ``TypeError`` naming the parameter, its value and the expected type, and
-    :class:`ConfigError` for an unknown model / dataset / method (see :func:`validate_params`).
+    :class:`ConfigError` for an unknown model / dataset / method (see :func:`validate_params`) or
+    an upper-case global the schema does not name (a misspelt papermill parameter).
     """
+    unknown = [k for k, v in values.items() if re.fullmatch(r"[A-Z][A-Z0-9_]*", k)
+               and k not in schema and k != "SCHEMA" and _injectable(v) and not _imported(k, v)]
+    if unknown:
+        raise ConfigError(f"unknown parameter {unknown[0]}; this notebook's parameters: "
+                          f"{sorted(schema)}. Correct the name (papermill -p NAME VALUE).")
     for name, expected in schema.items():
         if name not in values:
             raise TypeError(f"parameter {name} is missing; declare it in the notebook's parameters cell")
@@ -172,26 +200,34 @@ def load_wrapper(spec: str, model, model_name: str, dataset: str, seed: int = 0,
         return PacketWrapper.init_from_embeddings(model, 8, 8, seed, model_name=model_name)
     if spec == "shipped" or spec.startswith("shipped:"):
         name = spec.partition(":")[2] or dataset
-        return load_adapter(model_name, name, seed, Path(root) if root else ADAPTER_DIR)
-    path = Path(spec)
-    path = path / "wrapper.safetensors" if path.is_dir() else path
-    if not path.is_file():
-        raise ConfigError(f"ADAPTER={spec!r} is neither a known keyword nor an existing file; use "
-                          f"{WRAPPER_SPECS}")
-    return PacketWrapper.load(path, model_name=model_name)
+        wrapper = load_adapter(model_name, name, seed, Path(root) if root else ADAPTER_DIR)
+    else:
+        path = Path(spec)
+        path = path / "wrapper.safetensors" if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(f"ADAPTER={spec!r} is neither a known keyword nor an existing file; "
+                              f"use {WRAPPER_SPECS}")
+        wrapper = PacketWrapper.load(path, model_name=model_name)
+    wrapper.check_model(model, model_name)
+    return wrapper
 
 
-def dataset_options(dataset: str, n_docs: int, context_tokens: int, chunk_chars: int) -> dict:
+def dataset_options(dataset: str, n_docs: int, context_tokens: int, chunk_chars: int,
+                    data_path: str = "") -> dict:
     """``load_dataset`` keyword arguments from the notebooks' dataset parameters.
 
     Biography takes ``N_DOCS`` documents per sample; NIAH a haystack of ``CONTEXT_TOKENS``
-    tokens cut into chunks of at most ``CHUNK_CHARS`` characters; other datasets take neither.
+    tokens cut into chunks of at most ``CHUNK_CHARS`` characters; jsonl (and a local copy of
+    hotpotqa / musique) the file ``DATA_PATH``, resolved against the repository root.
     """
     if dataset == "biography":
         return {"num_docs": n_docs}
     if dataset == "niah":
         return {"context_tokens": context_tokens, "chunk_chars": chunk_chars}
-    return {}
+    if dataset == "jsonl" and not data_path:
+        raise ConfigError("DATASET='jsonl' needs DATA_PATH, the path of your .jsonl file (check "
+                          "it with: python -m kvp.data validate FILE)")
+    return {"path": repo_path(data_path)} if dataset in FILE_DATASETS and data_path else {}
 
 
 def method_grid(methods: Sequence[str], recompute_ratios: Sequence[float],
@@ -329,7 +365,14 @@ def load_profile(name: str, config_dir: str | Path = "configs") -> Profile:
         available = sorted(p.stem for p in Path(config_dir).glob("*.yaml"))
         raise ConfigError(f"unknown profile {name!r}: no {path}; available profiles: {available}. "
                           f"Pick one of them or create {path}.")
-    return parse_profile(name, yaml.safe_load(path.read_text()), path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{where}: YAML syntax error ({problem}); fix the file") from None
+    return parse_profile(name, data, path)
 
 
 def notebook_parameters(path: Path) -> set[str]:
@@ -339,8 +382,50 @@ def notebook_parameters(path: Path) -> set[str]:
     return set(papermill.inspect_notebook(str(path)))
 
 
+def notebook_schema(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(defaults of the ``parameters`` cell, the ``SCHEMA`` its check cell passes to
+    :func:`check_params`); an empty schema when the notebook declares none."""
+    import ast
+
+    import papermill
+
+    defaults = {name: ast.literal_eval(p["default"])
+                for name, p in papermill.inspect_notebook(str(path)).items()}
+    types = {"list": list, "dict": dict, "int": int, "float": float, "str": str, "bool": bool}
+    for cell in json.loads(path.read_text())["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        for node in ast.parse("".join(cell["source"])).body:
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                    and getattr(node.targets[0], "id", None) == "SCHEMA"):
+                schema = eval(compile(ast.Expression(node.value), str(path), "eval"),  # noqa: S307
+                              {"__builtins__": {}, **types})
+                return defaults, schema
+    return defaults, {}
+
+
+def check_run_values(values: Mapping[str, Any], schema: Mapping[str, Any], where: str) -> None:
+    """What a notebook's check cell would refuse, before it starts: types, method settings, the
+    data file of a file dataset."""
+    try:
+        check_params(values, schema)
+        if "METHODS" in values:
+            method_grid(values["METHODS"], values.get("RECOMPUTE_RATIOS", []),
+                        values.get("EPIC_TOKENS", []))
+        for dataset in (values.get("DATASET"), *values.get("DATASETS", [])):
+            if dataset is not None:
+                dataset_options(dataset, 1, 1, 1, values.get("DATA_PATH", ""))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+    data_path = values.get("DATA_PATH", "")
+    if data_path and not Path(repo_path(data_path)).is_file():
+        raise ConfigError(f"{where}: DATA_PATH={data_path!r} is not a file (relative paths start "
+                          f"at {REPO_ROOT}); correct the path")
+
+
 def validate(profile: Profile, runs: Sequence[Run], notebook_dir: Path, need_files: bool) -> None:
-    """Check notebook names, parameter values and (where the notebook exists) parameter names."""
+    """Check notebook names, parameter values and (where the notebook exists) parameter names,
+    types (the notebook's ``SCHEMA``), method settings and data files."""
     present = sorted(p.stem for p in notebook_dir.glob("*.ipynb"))
     allowed = sorted({*NOTEBOOKS, *present})
     for name in profile.notebooks:
@@ -350,16 +435,19 @@ def validate(profile: Profile, runs: Sequence[Run], notebook_dir: Path, need_fil
         if need_files and name not in present:
             raise ConfigError(f"{profile.source}: notebook {name} has no file {notebook_dir / name}.ipynb "
                               f"yet; write it, drop it from the profile, or use --only / --dry-run")
-    declared = {nb: notebook_parameters(notebook_dir / f"{nb}.ipynb") for nb in profile.notebooks
-                if nb in present}
+    schemas = {nb: notebook_schema(notebook_dir / f"{nb}.ipynb") for nb in profile.notebooks
+               if nb in present}
     for run in runs:
         where = f"{profile.source}, run {run.run_id}"
         validate_params(run.params, where)
-        if run.notebook in declared:
-            unknown = sorted(set(run.params) - declared[run.notebook])
+        if run.notebook in schemas:
+            defaults, schema = schemas[run.notebook]
+            unknown = sorted(set(run.params) - set(defaults))
             if unknown:
                 raise ConfigError(f"{where}: parameter {unknown[0]} is not declared in the parameters "
-                                  f"cell of {run.notebook}; declared: {sorted(declared[run.notebook])}")
+                                  f"cell of {run.notebook}; declared: {sorted(defaults)}")
+            if schema:
+                check_run_values({**defaults, **run.params}, schema, where)
 
 
 # ----------------------------------------------------------------------------------- execution

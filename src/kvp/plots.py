@@ -85,8 +85,10 @@ def save_fig(fig: plt.Figure, name: str, fig_dir: str | Path = "figures") -> tup
                          f"{Path(name).stem!r}: both .png and .pdf are written")
     paths = Path(fig_dir) / f"{name}.png", Path(fig_dir) / f"{name}.pdf"
     for path in paths:
+        # No /CreationDate: an unchanged figure is the same file, so a re-run leaves git clean.
+        metadata = {"CreationDate": None} if path.suffix == ".pdf" else None
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
+            fig.savefig(tmp, dpi=DPI, bbox_inches="tight", metadata=metadata)
     return paths
 
 

@@ -6,7 +6,10 @@ Format of a line::
      "answers": ["gold", "another acceptable gold"], "meta": {...}}
 
 ``meta`` is optional. The validator checks every line and raises one :class:`JsonlError`
-listing each problem with its line number and field; no partial dataset is returned.
+listing each problem with its line number and field; no partial dataset is returned. It refuses an
+empty file, empty or whitespace-only ids, questions, documents and answers, duplicate ids and any
+other top-level key (an unknown key is an error naming it: put extra fields inside ``meta``).
+Check a file with ``python -m kvp.data validate FILE``.
 :func:`write_jsonl` writes samples in this format, byte for byte the same for the same samples.
 """
 
@@ -52,8 +55,9 @@ def string_list_problems(value: object, name: str) -> list[str]:
         return [f"expected a non-empty list of strings, got {type(value).__name__}"]
     if not value:
         return ["expected a non-empty list of strings, got an empty list"]
-    return [f"{name}[{i}] is {type(v).__name__}, expected a string"
-            for i, v in enumerate(value) if not isinstance(v, str)]
+    return [f"{name}[{i}] is {type(v).__name__}, expected a string" if not isinstance(v, str)
+            else f"{name}[{i}] is empty or whitespace only" for i, v in enumerate(value)
+            if not isinstance(v, str) or not v.strip()]
 
 
 def record_problems(record: object, line: int) -> list[Problem]:
@@ -97,6 +101,8 @@ def read_jsonl(path: str | Path) -> list[Sample]:
             samples.append(Sample(id=record["id"], documents=record["documents"],
                                   question=record["question"], answers=record["answers"],
                                   meta=record.get("meta", {})))
+    if not samples and not problems:
+        problems.append(Problem(1, None, "the file holds no samples (it is empty)"))
     if problems:
         raise JsonlError(path, problems)
     return samples
@@ -120,6 +126,10 @@ def load_jsonl_dataset(split: str = "test", n: int | None = None, seed: int = 42
         raise ValueError("the jsonl dataset needs path=..., a file with one sample per line")
     if n is not None and n < 0:
         raise ValueError(f"n={n} must be >= 0 (or None for all)")
-    samples = read_jsonl(path)[:n]
+    samples = read_jsonl(path)
+    if n is not None and n > len(samples):
+        raise ValueError(f"n={n} but {path} holds {len(samples)} samples; pass n <= "
+                         f"{len(samples)} (or None for all)")
+    samples = samples[:n]
     return [Sample(s.id, s.documents, s.question, s.answers,
                    {"dataset": "jsonl", "split": split, **s.meta}) for s in samples]

@@ -20,6 +20,9 @@ class Epic(PartialRecompute):
     name = "epic"
 
     def __post_init__(self):
+        if isinstance(self.n_tokens, bool) or not isinstance(self.n_tokens, int):
+            raise ValueError(f"epic: n_tokens={self.n_tokens!r} is a {type(self.n_tokens).__name__}; "
+                             "pass a whole number >= 0, e.g. n_tokens=32")
         if self.n_tokens < 0:
             raise ValueError(f"epic: n_tokens={self.n_tokens} must be >= 0")
 

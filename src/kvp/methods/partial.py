@@ -19,6 +19,9 @@ from kvp.recompute import RecomputeTrace, Select, recompute
 
 
 def check_ratio(ratio: float, name: str) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise ValueError(f"{name}: ratio={ratio!r} is a {type(ratio).__name__}; pass a number "
+                         "within [0, 1], e.g. ratio=0.3")
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"{name}: ratio={ratio} must be within [0, 1] (fraction of document "
                          "tokens recomputed)")
