@@ -132,22 +132,33 @@ def evaluate(model, tokenizer, samples: list[Sample], methods: list[Method],
     return out
 
 
+def fully_recalled(rows: pd.DataFrame) -> pd.Series:
+    """Per row: the answer holds every token of its best-matching gold answer (no false negative)."""
+    return (rows.fn == 0) & (rows.tp > 0)
+
+
 def summarize(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """One row per (model, dataset, method, setting): n, f1_micro with 95% CI, agree_f1, TTFT, FLOPs.
+    """One row per (model, dataset, method, setting): n, f1_micro with 95% CI, agree_f1,
+    retention, TTFT, FLOPs.
 
     ``agree_f1`` is the micro token F1 of the method's answers against ``full_recompute``'s answers
-    on the same samples (NaN when full recompute was not run).
+    on the same samples; ``retention`` is P(the method fully recalls the gold answer | full
+    recompute does), on the same samples (both NaN when full recompute was not run).
     """
     out = []
     for (model, dataset), part in rows.groupby(["model", "dataset"], sort=False):
-        reference = part[part.method == "full_recompute"].set_index("sample_id")["answer"]
+        full = part[part.method == "full_recompute"].set_index("sample_id")
+        right = set(full.index[fully_recalled(full)])
         for (method, setting), g in part.groupby(["method", "setting"], sort=False):
             f1, low, high = bootstrap_ci(list(g.answer), list(g.gold), f1_micro, n_boot, seed)
-            agree = (agreement_f1(list(g.answer), list(reference.loc[g.sample_id]))
-                     if len(reference) else float("nan"))
+            agree = (agreement_f1(list(g.answer), list(full.answer.loc[g.sample_id]))
+                     if len(full) else float("nan"))
+            kept = g[g.sample_id.isin(right)]
+            retention = fully_recalled(kept).mean() if len(kept) else float("nan")
             out.append({"model": model, "dataset": dataset, "method": method, "setting": setting,
                         "n": len(g), "f1_micro": f1, "ci_low": low, "ci_high": high,
-                        "agree_f1": agree, "ttft_ms": g.ttft_ms.median(), "flops": g.flops.mean()})
+                        "agree_f1": agree, "retention": retention,
+                        "ttft_ms": g.ttft_ms.median(), "flops": g.flops.mean()})
     return pd.DataFrame(out)
 
 

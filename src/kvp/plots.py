@@ -595,3 +595,42 @@ def plot_adapter_results(results: pd.DataFrame) -> plt.Figure:
                  "dots = wrapper seeds", y=1.01)
     fig.tight_layout()
     return fig
+
+
+def plot_fidelity_vs_size(summary: pd.DataFrame, paper: list[tuple], parameters: dict[str, float]
+                          ) -> plt.Figure:
+    """Fidelity against model size on biography (5 documents, standard test): KV Packet F1 as a
+    percentage of full recompute's, and agreement with full recompute, per embedded model (mean
+    over wrapper seeds, the seed range as an error bar), beside the paper's points (% of F1 only,
+    hollow markers).
+
+    ``summary`` is :func:`kvp.adapters.seed_summary` of the results table; ``paper`` holds
+    (label, parameters, full F1, KV Packet F1); ``parameters`` maps model names to counts.
+    """
+    rows = summary[(summary.dataset == "biography") & (summary.split_shift == "none")
+                   & (summary.adapter == "biography") & summary.model.isin(parameters)]
+    set_theme()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    rows = rows.assign(size=rows.model.map(parameters)).sort_values("size")
+    x = rows["size"]
+    ax.errorbar(x, 100 * rows.f1_ratio, yerr=100 * rows.f1_sd / rows.full_f1, marker="o", ls="",
+                color="#08519c", capsize=3, label="KV Packet F1, % of full recompute")
+    ax.errorbar(x, 100 * rows.agree_mean, yerr=100 * rows.agree_sd, marker="s", ls="",
+                color="#d95f02", capsize=3, label="agreement with full recompute (x100)")
+    for r, xi in zip(rows.itertuples(), x):
+        ax.annotate(f"{r.model}\nn={r.n}, {r.seeds} seed{'s' if r.seeds > 1 else ''}", (xi, 100 * r.f1_ratio),
+                    textcoords="offset points", xytext=(4, 6), fontsize=7)
+    for label, size, full, packet in paper:
+        ax.scatter([size], [100 * packet / full], marker="o", facecolors="none",
+                   edgecolors="#08519c", s=50)
+        ax.annotate(label, (size, 100 * packet / full), textcoords="offset points",
+                    xytext=(4, -10), fontsize=7)
+    ax.set_xscale("log")
+    ticks = [1e8, 3e8, 1e9, 3e9, 1e10]
+    ax.set_xticks(ticks, ["100M", "300M", "1B", "3B", "10B"])
+    ax.minorticks_off()
+    ax.set(xlabel="parameters", ylabel="percent", ylim=(0, 105), xlim=(8e7, 1.5e10),
+           title="Fidelity vs model size (biography, 5 documents)")
+    ax.axhline(100, color="grey", lw=0.5)
+    ax.legend(frameon=False, fontsize=7, loc="lower right")
+    return fig
