@@ -100,7 +100,7 @@ def test_bad_options_are_named(kw, match):
 
 
 def test_bad_split_and_unknown_dataset():
-    with pytest.raises(ValueError, match="'train', 'test'"):
+    with pytest.raises(ValueError, match="'train', 'val', 'test'"):
         load_dataset("biography", "dev", n=1)
     with pytest.raises(ValueError, match="biography.*niah.*hotpotqa.*musique.*jsonl.*mixture"):
         load_dataset("squad")
