@@ -149,7 +149,7 @@ def test_micro_batches_train_the_same_wrapper(smollm, examples, tmp_path):
 def test_validation_selects_the_checkpoint_with_lowest_validation_loss(smollm, examples, tmp_path):
     model, tokenizer, _ = smollm
     _, cache, ex = examples
-    config = TrainConfig(**{**TINY, "n_val": 2, "eval_every": 1, "epochs": 3, "lr": 0.3})
+    config = TrainConfig(**{**TINY, "n_val": 2, "eval_every": 1, "lr": 0.3})
     val = teacher_examples(model, tokenizer, training_samples(config, "val"), config, cache,
                            progress=False)
     assert {s.meta["split"] for s in training_samples(config, "val")} == {"val"}

@@ -261,30 +261,32 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
     return summarize_rows(pd.concat(parts, ignore_index=True), shift, max_new_tokens)
 
 
-def summarize_rows(rows: pd.DataFrame, shift: str, max_new_tokens: int | None) -> pd.DataFrame:
+def summarize_rows(rows: pd.DataFrame, shift: str, max_new_tokens: int | None,
+                   n_boot: int = 1000) -> pd.DataFrame:
     """``RESULT_COLUMNS`` rows from per-sample rows of one (model, dataset, shift): the baselines
-    once, each wrapper scored against the same full recompute answers."""
+    once, each wrapper scored against the same full recompute answers (``n_boot`` bootstrap
+    resamples for the CIs)."""
     from kvp.evaluate import summarize
 
     reference = rows[rows.method == "full_recompute"]
     out = []
     for (seed, wrapper), part in rows.groupby(["seed", "wrapper"], sort=False):
         with_ref = pd.concat([reference, part]).drop_duplicates(subset=["sample_id", "method"])
-        summary = summarize(with_ref)
+        summary = summarize(with_ref, n_boot=n_boot)
         summary = summary[summary.method.isin(part.method.unique())]
         out.append(summary.assign(split_shift=shift, seed=seed, wrapper=wrapper,
                                   max_new_tokens=max_new_tokens))
     return pd.concat(out, ignore_index=True)[RESULT_COLUMNS]
 
 
-def results_from_rows(rows_dir: Path) -> pd.DataFrame:
+def results_from_rows(rows_dir: Path, n_boot: int = 1000) -> pd.DataFrame:
     """The results table recomputed from every per-sample rows file under ``rows_dir``."""
     out = []
     for path in sorted(rows_dir.glob("*.csv.gz")):
         rows = read_rows(path)
         budget = budgets(rows["max_new_tokens"]) if "max_new_tokens" in rows else set()
         out.append(summarize_rows(rows, rows.split_shift.iloc[0],
-                                  budget.pop() if len(budget) == 1 else None))
+                                  budget.pop() if len(budget) == 1 else None, n_boot))
     return pd.concat(out, ignore_index=True)
 
 
@@ -517,11 +519,15 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Train or evaluate the shipped adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train recipes into data/adapters")
-    tr.add_argument("--model", default="smollm2-135m")
-    tr.add_argument("--dataset", required=True, choices=sorted({d for _, d in RECIPES}))
-    tr.add_argument("--seeds", type=int, nargs="+", default=[0])
-    tr.add_argument("--root", type=Path, default=ADAPTER_DIR)
-    tr.add_argument("--device", default=None)
+    tr.add_argument("--model", default="smollm2-135m",
+                    help="registry name of the model (default: %(default)s)")
+    tr.add_argument("--dataset", required=True, choices=sorted({d for _, d in RECIPES}),
+                    help="which recipe of kvp.adapters.RECIPES")
+    tr.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="training seeds, one adapter each (default: 0)")
+    tr.add_argument("--root", type=Path, default=ADAPTER_DIR,
+                    help="where adapters are written (default: data/adapters)")
+    tr.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     tr.add_argument("--no-plot", action="store_true", help="skip loss figures (draw them later)")
     tr.add_argument("--variant", default=None, choices=sorted(SWEEP),
                     help="train a variant of the recipe sweep instead, as DATASET.VARIANT-seedK "

@@ -512,27 +512,54 @@ def config_from_dict(d: dict) -> TrainConfig:
     return TrainConfig(**d)
 
 
+FIELD_HELP = {
+    "model": "registry name of the model", "dataset": "training dataset (kvp.data.DATASETS)",
+    "n_samples": "training samples", "epochs": "passes over the training samples",
+    "lr": "peak learning rate (absolute, or in embedding-std units with --lr-scale embed_std)",
+    "batch_size": "samples per optimiser step", "h": "header tokens", "t": "trailer tokens",
+    "loss": "kl (forward KL on the teacher's top-k) or ce (cross-entropy on its tokens)",
+    "max_new_tokens": "teacher decoding budget", "top_k": "teacher tokens kept per position",
+    "seed": "training seed (wrapper init and sample order)",
+    "data_seed": "seed of the training samples (shared by runs of several seeds)",
+    "checkpoint_every": "optimiser steps between checkpoints",
+    "gradient_checkpointing": "recompute activations in the backward pass to save memory",
+    "autocast": "bf16 autocast on CUDA", "micro_batch": "samples per padded forward",
+    "n_val": "validation samples (0: no checkpoint selection)",
+    "eval_every": "steps between validation passes (0: once per epoch)",
+    "init": "normal (Normal(mean, std) of the embeddings) or tokens (real token embeddings)",
+    "lr_scale": "absolute or embed_std", "tf32": "TF32 matrix products in fp32 on CUDA",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m kvp.train --out DIR [--model M] [--dataset D] [--epochs N] …``"""
     import argparse
 
     from kvp.models import load_model
 
-    parser = argparse.ArgumentParser(description="Train a KV Packet wrapper by distillation.")
-    parser.add_argument("--out", required=True, help="output directory of the run")
-    parser.add_argument("--device", default=None)
+    parser = argparse.ArgumentParser(
+        prog="python -m kvp.train", description="Train a KV Packet wrapper by distillation "
+        "(the fields of kvp.train.TrainConfig; defaults are a short CPU demonstration).")
+    parser.add_argument("--out", required=True, help="output directory of the run (resumes from "
+                        "its checkpoint.pt; teacher targets are cached in OUT/../teacher)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     parser.add_argument("--no-plot", action="store_true", help="skip the loss figure")
     for f in fields(TrainConfig):
         if f.name in ("dataset_options", "num_docs"):
             continue
         flag = f"--{f.name.replace('_', '-')}"
+        help_text = f"{FIELD_HELP[f.name]} (default: %(default)s)"
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
-    parser.add_argument("--num-docs", type=int, nargs="+", default=[2, 3, 5, 7])
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=help_text)
+    parser.add_argument("--num-docs", type=int, nargs="+", default=[2, 3, 5, 7],
+                        help="biography: document counts cycled over the samples "
+                        "(default: %(default)s)")
     parser.add_argument("--dataset-options", type=json.loads, default={},
-                        help='JSON, e.g. \'{"context_tokens": 1024}\'')
+                        help='options of the dataset loader as JSON, e.g. \'{"path": "my.jsonl"}\' '
+                        "or '{\"context_tokens\": 1024}' (default: none)")
     args = vars(parser.parse_args(argv))
     out, device, no_plot = args.pop("out"), args.pop("device"), args.pop("no_plot")
     config = config_from_dict(args)
