@@ -38,17 +38,28 @@ def examples(smollm, tmp_path_factory):
                                            cache, progress=False)
 
 
-def test_training_lowers_loss_and_keeps_model_frozen(smollm, examples, tmp_path):
+@pytest.fixture(scope="module")
+def reference_run(smollm, examples, tmp_path_factory):
+    """One uninterrupted TINY run, shared by the tests that compare against it:
+    (result, its directory, base-model digest before, digest after)."""
     model, tokenizer, _ = smollm
     config, _, ex = examples
+    out = tmp_path_factory.mktemp("reference") / "run"
     before = weights_digest(model)
+    result = train(model, tokenizer, config, out, progress=False, examples=ex)
+    return result, out, before, weights_digest(model)
+
+
+def test_training_lowers_loss_and_keeps_model_frozen(smollm, examples, reference_run):
+    model, _, _ = smollm
+    config, _, ex = examples
+    result, out, before, after = reference_run
     initial = PacketWrapper.init_from_embeddings(model, config.h, config.t, config.seed)
-    result = train(model, tokenizer, config, tmp_path / "run", progress=False, examples=ex)
-    assert weights_digest(model) == before  # base model bit-identical
+    assert after == before  # base model bit-identical
     assert len(result.losses) == config.total_steps == 4
     assert mean_loss(model, result.wrapper, ex) < 0.9 * mean_loss(model, initial, ex)
     for name in ("wrapper.safetensors", "loss.csv", "loss.png", "loss.pdf", "checkpoint.pt"):
-        assert (tmp_path / "run" / name).exists(), name
+        assert (out / name).exists(), name
     assert result.record["config"]["seed"] == 3 and result.record["steps"] == 4
     assert result.record["git_commit"] and result.record["kvp_version"]
 
@@ -65,10 +76,10 @@ def test_teacher_targets_are_cached(smollm, examples):
     assert sorted(cache.glob("*.pt")) == files
 
 
-def test_killed_run_resumes_to_the_same_wrapper(smollm, examples, tmp_path):
+def test_killed_run_resumes_to_the_same_wrapper(smollm, examples, reference_run, tmp_path):
     model, tokenizer, _ = smollm
     config, cache, ex = examples
-    full = train(model, tokenizer, config, tmp_path / "full", progress=False, examples=ex)
+    full = reference_run[0]
     run = tmp_path / "killed"
     run.mkdir()
     (tmp_path / "teacher").symlink_to(cache, target_is_directory=True)  # reuse teacher targets
@@ -90,13 +101,12 @@ def test_killed_run_resumes_to_the_same_wrapper(smollm, examples, tmp_path):
     torch.testing.assert_close(resumed.wrapper.trailer, full.wrapper.trailer, atol=1e-5, rtol=1e-4)
 
 
-def test_resume_with_other_config_names_fields(smollm, examples, tmp_path):
+def test_resume_with_other_config_names_fields(smollm, examples, reference_run):
     model, tokenizer, _ = smollm
-    config, _, ex = examples
-    train(model, tokenizer, config, tmp_path / "r", progress=False, examples=ex)
+    _, _, ex = examples
     other = TrainConfig(**{**TINY, "lr": 1e-3, "epochs": 4})
     with pytest.raises(ValueError, match=r"epochs: checkpoint 2 vs now 4.*lr: checkpoint 0.01"):
-        train(model, tokenizer, other, tmp_path / "r", progress=False, examples=ex)
+        train(model, tokenizer, other, reference_run[1], progress=False, examples=ex)
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(smollm, examples, tmp_path, monkeypatch):
@@ -136,10 +146,10 @@ def test_padded_batch_forward_equals_one_sequence_at_a_time(smollm, examples):
         torch.testing.assert_close(row, alone[-shortest:], atol=2e-4, rtol=1e-4)
 
 
-def test_micro_batches_train_the_same_wrapper(smollm, examples, tmp_path):
+def test_micro_batches_train_the_same_wrapper(smollm, examples, reference_run, tmp_path):
     model, tokenizer, _ = smollm
-    config, _, ex = examples
-    one = train(model, tokenizer, config, tmp_path / "one", progress=False, examples=ex, plot=False)
+    _, _, ex = examples
+    one = reference_run[0]
     two = train(model, tokenizer, TrainConfig(**{**TINY, "micro_batch": 2}), tmp_path / "two",
                 progress=False, examples=ex, plot=False)
     torch.testing.assert_close(two.wrapper.header, one.wrapper.header, atol=1e-4, rtol=1e-3)
