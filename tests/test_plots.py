@@ -58,3 +58,18 @@ def test_adapter_results_figure_has_one_column_per_cell():
                  .drop_duplicates(["method", "a"]))
     assert len(first.patches) == n_bars
     plt.close(fig)
+
+
+def test_fidelity_figure_places_each_model_at_its_size():
+    from kvp.adapters import ADAPTER_DIR, MODEL_PARAMETERS, PAPER_POINTS, seed_summary
+
+    results = pd.read_csv(ADAPTER_DIR / "results.csv", keep_default_na=False)
+    summary = seed_summary(results)
+    fig = plots.plot_fidelity_vs_size(summary, PAPER_POINTS, MODEL_PARAMETERS)
+    ax = fig.axes[0]
+    ours = summary[(summary.dataset == "biography") & (summary.split_shift == "none")
+                   & (summary.adapter == "biography")]
+    f1_points = ax.containers[0].lines[0].get_data()  # the KV Packet F1 series
+    assert sorted(f1_points[0]) == sorted(ours.model.map(MODEL_PARAMETERS))
+    assert sorted(f1_points[1]) == pytest.approx(sorted(100 * ours.f1_ratio))
+    plt.close(fig)
