@@ -109,8 +109,9 @@ def block_forward_batch(model, items: list[tuple[torch.Tensor, list[torch.Tensor
     last ``keep`` positions.
 
     ``items`` are (preamble ids, [doc ids], final ids) as for :func:`block_forward`. Sequences are
-    left-padded to the longest, so every one ends at the last column and ``keep`` positions of
-    each final block come out of the LM head together (``keep`` ≤ the shortest final block). Pad
+    left-padded to the longest, so every one ends at the last column and the last ``keep``
+    positions of each come out of the LM head together (``keep`` ≤ the shortest sequence; a
+    caller reads only the rows of its own final block). Pad
     positions attend only to themselves and no real token attends to them, so each sequence's
     logits equal its own :func:`block_forward` (up to floating-point reduction order).
     """
