@@ -32,13 +32,13 @@ BIOGRAPHY_BASE = dict(dataset="biography", n_samples=256, num_docs=(2, 3, 5, 7),
                       max_new_tokens=32, autocast=False, tf32=True, checkpoint_every=20)
 SWEEP: dict[str, dict] = {
     "base": {},
-    "lr0.06": {"lr": 0.06},
     "lr0.6": {"lr": 0.6},
-    "h16": {"h": 16, "t": 16},
     "h32": {"h": 32, "t": 32},
     "tokens": {"init": "tokens"},
     "bf16": {"autocast": True, "tf32": False},
-    "n512": {"n_samples": 512},
+    # Four times the training people at the same 160 steps (1,024 samples, 5 epochs): does more
+    # data close the gap between training and validation KL?
+    "n1024": {"n_samples": 1024, "epochs": 5},
 }
 BIOGRAPHY_CHOICE = "lr0.6"  # the sweep's winner by validation loss (0.983 vs base 0.991)
 NIAH_BASE = dict(dataset="niah", n_samples=128, n_val=32, dataset_options=NIAH_TRAIN_OPTIONS,
@@ -67,9 +67,10 @@ RECIPES: dict[tuple[str, str], TrainConfig] = {
         epochs=8, lr=1e-3, batch_size=16, max_new_tokens=16, checkpoint_every=16),
     **{(m, "biography"): sweep_config(m, "biography", BIOGRAPHY_CHOICE)
        for m in ("smollm2-135m", "qwen2.5-coder-0.5b")},
-    # The 1.5B model got 6 of the 20 epochs: the GPU time of its session ran out.
+    # The 1.5B model trains 10 of the 20 epochs (80 steps): its validation KL flattens by then,
+    # and it costs three times the 0.5B model's GPU time per step.
     ("qwen2.5-coder-1.5b", "biography"): TrainConfig(
-        model="qwen2.5-coder-1.5b", **{**BIOGRAPHY_BASE, **SWEEP[BIOGRAPHY_CHOICE], "epochs": 6}),
+        model="qwen2.5-coder-1.5b", **{**BIOGRAPHY_BASE, **SWEEP[BIOGRAPHY_CHOICE], "epochs": 10}),
     **{(m, "niah"): TrainConfig(model=m, **NIAH_BASE)
        for m in ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")},
 }
@@ -103,7 +104,7 @@ def recipe(model: str, dataset: str, seed: int = 0, variant: str | None = None) 
 
 
 def adapter_name(dataset: str, variant: str | None = None) -> str:
-    """Folder stem of an adapter: ``"biography"``, or ``"biography.h16"`` for a sweep variant."""
+    """Folder stem of an adapter: ``"biography"``, or ``"biography.h32"`` for a sweep variant."""
     return f"{dataset}.{variant}" if variant else dataset
 
 
