@@ -41,13 +41,13 @@ def segments(tokenizer, docs=DOCS, question=QUESTION):
 
 @pytest.fixture(scope="module")
 def wrapper(smollm):
-    model, _, _ = smollm
+    model = smollm.model
     return PacketWrapper.init_from_embeddings(model, h=4, t=4, seed=1, model_name="smollm2-135m")
 
 
 @pytest.fixture(scope="module")
 def ctx(smollm, wrapper):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     store = PacketStore(model, tokenizer, "smollm2-135m")
     return make_context(model, tokenizer, store, *segments(tokenizer), wrapper=wrapper)
 
@@ -62,7 +62,7 @@ def all_logits_after(model, kv, ids: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- 1. generate
 def test_full_recompute_matches_hf_generate(smollm, ctx):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     result = run_method(get_method("full_recompute"), ctx, GenerationConfig(max_new_tokens=16))
     joint = torch.cat([ctx.preamble_ids, *ctx.doc_ids, ctx.task_ids])[None]
     hf = model.generate(joint, attention_mask=torch.ones_like(joint), max_new_tokens=16,
@@ -77,7 +77,7 @@ def test_full_recompute_matches_hf_generate(smollm, ctx):
 # ----------------------------------------------------------------------------- 2. block mask
 @pytest.mark.parametrize("wrapped", [True, False], ids=["random-wrapper", "empty-wrapper"])
 def test_rerotated_packets_equal_block_mask_forward(smollm, ctx, wrapper, wrapped):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     w = wrapper if wrapped else PacketWrapper.empty(model.config.hidden_size)
     packets = [build_packet(model, tokenizer, d, w) for d in DOCS]
     kv, n = assemble(model, ctx.preamble_kv, packets)
@@ -105,7 +105,7 @@ def test_block_mask_shape_and_pattern():
 
 # ----------------------------------------------------------------------------- 3. re-rotation
 def test_rerotation_equals_encoding_at_offset(smollm, ctx):
-    model, _, _ = smollm
+    model = smollm.model
     ids = ctx.doc_ids[0]
     delta = 137
     local = encode(model, input_ids=ids)
@@ -168,7 +168,7 @@ def test_partial_recompute_differs_from_both_ends(ctx):
 
 
 def test_kv_packet_with_empty_wrapper_equals_no_recompute(smollm):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     store = PacketStore(model, tokenizer, "smollm2-135m")
     empty = PacketWrapper.empty(model.config.hidden_size)
     c = make_context(model, tokenizer, store, *segments(tokenizer), wrapper=empty)
@@ -202,7 +202,7 @@ def test_every_method_answers_and_reports(ctx):
 
 # ----------------------------------------------------------------------------- 5. store
 def test_packet_store_encodes_once_and_persists(smollm, wrapper, tmp_path):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     store = PacketStore(model, tokenizer, "smollm2-135m", directory=tmp_path)
     a = store.get(DOCS[0], wrapper)
     b = store.get(DOCS[0], wrapper)
@@ -215,7 +215,7 @@ def test_packet_store_encodes_once_and_persists(smollm, wrapper, tmp_path):
 
 
 def test_packet_store_memory_bound_evicts_least_recently_used(smollm):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     store = PacketStore(model, tokenizer, "smollm2-135m", max_in_memory=2)
     first = store.get(DOCS[0])
     store.get(DOCS[1])
@@ -236,7 +236,7 @@ def test_prefill_flops_match_flop_counter(smollm_eager):
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, _, _ = smollm_eager
+    model = smollm_eager.model
     ids = torch.randint(0, 1000, (300,))
     cache = to_cache(*(lambda kv: (kv.keys, kv.values))(encode(model, input_ids=ids[:40])))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -248,7 +248,7 @@ def test_prefill_flops_match_flop_counter(smollm_eager):
 
 # ----------------------------------------------------------------------------- bad input
 def test_bad_inputs_get_clear_errors(smollm, wrapper, tmp_path):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     store = PacketStore(model, tokenizer, "smollm2-135m")
     pre, docs, task = segments(tokenizer)
     with pytest.raises(ValueError, match="empty document"):

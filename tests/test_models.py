@@ -31,7 +31,8 @@ def _answer(model, tokenizer, question: str, max_new_tokens: int = 12) -> str:
 
 
 def test_default_model_answers_two_document_biography(smollm):
-    model, tokenizer, spec = smollm
+    model, tokenizer, spec = smollm  # a named tuple that unpacks as three values
+    assert (smollm.model, smollm.tokenizer, smollm.spec) == (model, tokenizer, spec)
     assert (spec.name, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.d_model) == (
         "smollm2-135m", 30, 9, 3, 576)
     assert not spec.random_weights

@@ -121,7 +121,7 @@ def test_method_grid_expands_settings_and_wrapper_specs(smollm):
         ("a3", "ratio=0.5")]
     assert [setting_label(m.name, m.setting) for m in grid[1:4]] == [
         "CacheBlend r=0.1", "CacheBlend r=0.5", "EPIC 16 tok"]
-    model, _, _ = smollm
+    model = smollm.model
     wrapper = load_wrapper("untrained", model, "smollm2-135m", "biography")
     assert (wrapper.h, wrapper.t) == (8, 8)
     with pytest.raises(ConfigError, match="'no/such/file'.*untrained"):

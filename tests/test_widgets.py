@@ -26,7 +26,7 @@ SAMPLES = [
 
 @pytest.fixture(scope="module")
 def viewer(smollm):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     wrapper = PacketWrapper.init_from_embeddings(model, h=2, t=2, seed=0)
     return AttentionViewer(model, tokenizer, SAMPLES, wrapper=wrapper, blend_ratio=0.5)
 
@@ -82,7 +82,7 @@ def test_token_panel_lists_top_keys_with_tooltips(viewer):
 
 
 def test_token_labels_and_segments(smollm):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     wrapper = PacketWrapper.init_from_embeddings(model, h=2, t=1, seed=0)
     preamble, docs, task = SAMPLES[0]
     ctx = make_context(model, tokenizer, PacketStore(model, tokenizer, "m"), preamble, docs, task,
@@ -102,7 +102,7 @@ def test_token_labels_and_segments(smollm):
 
 
 def test_samples_as_segments_and_sample_objects(smollm):
-    _, tokenizer, _ = smollm
+    tokenizer = smollm.tokenizer
     triple = as_viewer_sample(tokenizer, SAMPLES[0], 0)
     assert triple.documents == SAMPLES[0][1]
     from kvp.data import Sample
@@ -119,7 +119,7 @@ def test_samples_as_segments_and_sample_objects(smollm):
 
 
 def test_viewer_refuses_bad_arguments(smollm):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     with pytest.raises(ValueError, match="needs wrapper"):
         AttentionViewer(model, tokenizer, SAMPLES)
     with pytest.raises(ValueError, match="choose one or more"):
