@@ -11,7 +11,7 @@ from kvpress.utils import compute_n_kept
 
 from kvp.compress import (PRESSES, CompressedStore, JointCompressed, ProtectedPress,
                           compress_packet, compression_runs, make_press, min_tokens,
-                          summarize_runs)
+                          press_summary)
 from kvp.data import Sample
 from kvp.data.prompts import build_segments, segment_ids
 from kvp.evaluate import EvalSettings
@@ -190,8 +190,10 @@ def test_compression_sweep_table(smollm, wrapper):
     samples = [Sample("marie", DOCS, "Where does Marie Dubois live?", ["Oslo"], {"dataset": "jsonl"})]
     settings = EvalSettings("smollm2-135m", max_new_tokens=2, progress=False)
     runs = compression_runs(model, tok, samples, ["knorm"], [0.0, 0.5], wrapper, settings)
-    table = summarize_runs(runs)
-    assert list(table.columns) == ["press", "ratio", "variant", "n", "f1_micro", "kv_tokens"]
+    table = press_summary(runs, n_boot=10)
+    assert list(table.columns) == ["model", "dataset", "method", "setting", "n", "f1_micro",
+                                   "ci_low", "ci_high", "agree_f1", "retention", "ttft_ms",
+                                   "flops", "press", "ratio", "variant", "kv_tokens"]
     assert len(table) == 6 and (table.n == 1).all()
     kv = table.set_index(["ratio", "variant"]).kv_tokens
     n_task = len(segment_ids(tok, build_segments(tok, samples[0]))[2])

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from kvp import train as train_mod
-from kvp.packet import PacketWrapper
 from kvp.blockmask import block_forward, block_forward_batch
+from kvp.packet import PacketWrapper
+from kvp.plots import save_loss_figure
 from kvp.train import (TrainConfig, initial_wrapper, learning_rate, mean_loss, teacher_examples,
                        token_init_ids, train, training_samples, validation_loss)
 
@@ -58,6 +59,7 @@ def test_training_lowers_loss_and_keeps_model_frozen(smollm, examples, reference
     assert after == before  # base model bit-identical
     assert len(result.losses) == config.total_steps == 4
     assert mean_loss(model, result.wrapper, ex) < 0.9 * mean_loss(model, initial, ex)
+    save_loss_figure(out, config.title)  # drawn above training, from loss.csv
     for name in ("wrapper.safetensors", "loss.csv", "loss.png", "loss.pdf", "checkpoint.pt"):
         assert (out / name).exists(), name
     assert result.record["config"]["seed"] == 3 and result.record["steps"] == 4
@@ -151,7 +153,7 @@ def test_micro_batches_train_the_same_wrapper(smollm, examples, reference_run, t
     _, _, ex = examples
     one = reference_run[0]
     two = train(model, tokenizer, TrainConfig(**{**TINY, "micro_batch": 2}), tmp_path / "two",
-                progress=False, examples=ex, plot=False)
+                progress=False, examples=ex)
     torch.testing.assert_close(two.wrapper.header, one.wrapper.header, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(two.wrapper.trailer, one.wrapper.trailer, atol=1e-4, rtol=1e-3)
 
@@ -164,7 +166,8 @@ def test_validation_selects_the_checkpoint_with_lowest_validation_loss(smollm, e
                            progress=False)
     assert {s.meta["split"] for s in training_samples(config, "val")} == {"val"}
     result = train(model, tokenizer, config, tmp_path / "v", progress=False, examples=ex,
-                   val_examples=val, plot=True)
+                   val_examples=val)
+    save_loss_figure(tmp_path / "v", config.title)  # with the validation curve
     curve = pd.read_csv(tmp_path / "v" / "loss.csv")
     assert curve["val_loss"].notna().sum() == config.total_steps
     best = curve.loc[curve["val_loss"].idxmin()]

@@ -11,7 +11,7 @@ import torch
 from kvp import models
 from kvp.adapters import ADAPTER_DIR
 from kvp.packet import PacketWrapper, build_packet
-from kvp.pipeline import load_wrapper
+from kvp.params import load_wrapper
 
 
 def flip(path, offset: int, n: int) -> None:

@@ -10,7 +10,9 @@ import torch
 from kvp import attention as A
 from kvp.methods import make_context
 from kvp.packet import PacketStore, PacketWrapper
-from kvp.widgets import AttentionViewer, as_viewer_sample, plain_view, segment_of, token_labels
+from kvp.attention import plain_view
+from kvp.viewer import segment_of, token_labels
+from kvp.widgets import AttentionViewer, as_viewer_sample
 
 PREAMBLE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
             "Answer the question using the documents below.\n")
