@@ -8,6 +8,7 @@ only as a script: it stands above every layer.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,17 @@ def test_the_check_sees_function_level_and_main_block_imports(tmp_path):
     path.write_text("import os\nfrom kvp import plots\n\ndef f():\n    from kvp.report import main\n"
                     "\nif __name__ == '__main__':\n    from kvp.pipeline import main\n")
     assert kvp_imports(path) == [(2, "kvp.plots"), (5, "kvp.report")]
+
+
+def test_docs_and_readme_name_the_same_layers():
+    """docs/README.md#layers lists LAYERS in order; README.md's module table names every module."""
+    root = SRC.parents[1]
+    text = (root / "docs" / "README.md").read_text()
+    section = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    items = [line.split("—")[0] for line in section.splitlines() if line[:1].isdigit()]
+    listed = [tuple(n.strip("/") for n in re.findall(r"`([a-z_/]+)`", item)) for item in items]
+    assert listed == [tuple(u for u in units if u != "kvp") for units in LAYERS]
+    table = (root / "README.md").read_text().split("## The library", 1)[1].split("\n## ", 1)[0]
+    rows = {n.strip("/") for line in table.splitlines() if line.startswith("| `")
+            for n in re.findall(r"`([a-z_/]+)`", line.split("|")[1])}
+    assert rows == set(LAYER) - {"kvp"}
