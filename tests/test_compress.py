@@ -34,7 +34,7 @@ RATIO = 0.3
 
 @pytest.fixture(scope="module")
 def wrapper(smollm):
-    return PacketWrapper.init_from_embeddings(smollm[0], h=8, t=8, seed=0, model_name="smollm2-135m")
+    return PacketWrapper.init_from_embeddings(smollm.model, h=8, t=8, seed=0, model_name="smollm2-135m")
 
 
 @pytest.fixture(scope="module")

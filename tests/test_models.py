@@ -118,14 +118,14 @@ def test_random_architecture_is_marked_and_refused_for_accuracy():
 
 def test_smollm_architecture_is_the_embedded_models(smollm):
     """arch:smollm2-135m (GPU latency runs without the weights file) has the real model's shapes."""
-    real = smollm[0].config
-    arch, _, _ = load_model("arch:smollm2-135m", device="meta")
+    real = smollm.model.config
+    arch = load_model("arch:smollm2-135m", device="meta").model
     for key, value in ARCHITECTURES["arch:smollm2-135m"].items():
         if key == "rope_parameters":
             assert real.rope_parameters == value
         elif key != "model_type":
             assert getattr(real, key) == pytest.approx(value), key
-    assert sum(p.numel() for p in arch.parameters()) == sum(p.numel() for p in smollm[0].parameters())
+    assert sum(p.numel() for p in arch.parameters()) == sum(p.numel() for p in smollm.model.parameters())
 
 
 def test_device_and_dtype_resolution():
