@@ -469,8 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         runs = train_recipe(args.model, args.dataset, args.seeds, args.root, args.device,
                             teacher_only=args.teacher_only, variant=args.variant)
-        for out, config in runs.items() if not args.no_plot else ():
-            save_loss_figure(out, config.title)
+        if not args.no_plot:
+            for out, config in runs.items():
+                save_loss_figure(out, config.title)
     elif args.command == "evaluate":
         if args.shift not in SHIFTS[args.dataset]:
             parser.error(f"--shift {args.shift!r}: use one of {sorted(SHIFTS[args.dataset])}")
