@@ -1,19 +1,13 @@
-"""Shipped adapters: they load onto their model, carry their record, and the benchmark table works."""
+"""Shipped adapters: they load onto their model, carry their record and were selected on validation."""
 
 from __future__ import annotations
 
-import hashlib
-import shutil
-
 import pytest
 
-import pandas as pd
-
-from kvp.adapters import (ADAPTER_DIR, RECIPES, SHIFTS, append_results, check_rows_budget,
-                          evaluate_adapters, load_adapter, main, paired_agreement, read_rows,
-                          recipe, results_markdown, seed_summary, summary_markdown)
-from kvp.metrics import agreement_f1
+from kvp.adapters import ADAPTER_DIR, RECIPES, load_adapter, recipe
+from kvp.packet import PacketWrapper
 from kvp.train import TrainConfig
+
 
 SHIPPED = [(m, d) for (m, d) in RECIPES if (ADAPTER_DIR / m / f"{d}-seed0").exists()]
 
@@ -33,8 +27,6 @@ def test_shipped_adapter_loads_with_record(model, dataset):
     for name in ("config.json", "loss.csv", "loss.png", "loss.pdf"):
         assert (folder / name).exists(), name
     with pytest.raises(ValueError, match=f"trained for model '{model}'"):
-        from kvp.packet import PacketWrapper
-
         PacketWrapper.load(folder / "wrapper.safetensors", model_name="another-model")
 
 
@@ -57,146 +49,3 @@ def test_shipped_adapters_were_selected_on_validation(model, dataset):
         assert 1 <= record["best_step"] <= record["steps"]
         assert record["best_val_loss"] <= record["final_val_loss"]
         assert record["teacher_truncated"] < 0.05
-
-
-def test_evaluation_table_on_two_samples(tmp_path, smollm):
-    rows_path = tmp_path / "rows" / "bio.csv.gz"
-    table = evaluate_adapters("smollm2-135m", "biography", "none", n=2,
-                              wrappers=["biography-seed0", "niah-seed1", "mixture-seed0",
-                                        "mixture-seed1"], max_new_tokens=8, rows_path=rows_path)
-    assert list(table.method) == ["full_recompute", "no_recompute"] + ["kv_packet"] * 4
-    assert list(table.wrapper[2:]) == ["biography-seed0", "niah-seed1", "mixture-seed0",
-                                       "mixture-seed1"]
-    rows = pd.read_csv(rows_path, keep_default_na=False)
-    gains = paired_agreement(rows_path, n_boot=50)
-    assert len(gains) == 4
-    ref = rows[rows.method == "full_recompute"].answer.tolist()
-    plain = agreement_f1(rows[rows.method == "no_recompute"].answer.tolist(), ref)
-    kv = agreement_f1(rows[rows.wrapper == "mixture-seed1"].answer.tolist(), ref)
-    assert gains.agree_gain.iloc[3] == pytest.approx(kv - plain)
-    summary = seed_summary(table)
-    assert list(summary.adapter) == ["biography", "mixture", "niah"]
-    assert list(summary.seeds) == [1, 2, 1]
-    assert "mixture" in summary_markdown(table, rows_path.parent)
-    # a larger n with the same rows file reuses the two samples and evaluates only the third
-    again = evaluate_adapters("smollm2-135m", "biography", "none", n=3, wrappers=["biography-seed0"],
-                              max_new_tokens=8, rows_path=rows_path)
-    resumed = read_rows(rows_path)
-    assert list(again.n) == [3, 3, 3]
-    assert len(resumed) == 3 * 3 + 2 * 3  # the other wrappers' rows of the first run are kept
-    first = rows[rows.wrapper.isin(["", "biography-seed0"])]
-    reused = resumed[resumed.sample_id.isin(first.sample_id)
-                     & resumed.wrapper.isin(["", "biography-seed0"])]
-    assert reused.ttft_ms.tolist() == pytest.approx(first.ttft_ms.tolist())  # not re-timed
-    table = table[table.wrapper.isin(["", "biography-seed0"])]
-    assert table.loc[table.method == "full_recompute", "agree_f1"].item() == 1.0
-    append_results(table, tmp_path / "results.csv")
-    append_results(table, tmp_path / "results.csv")  # idempotent: same cells replaced
-    md = results_markdown(tmp_path / "results.csv")
-    assert md.count("\n") == 2 + 3 and "kv_packet" in md
-    assert set(SHIFTS["biography"]) == {"none", "docs10", "last_slot", "long_docs"}
-
-
-def test_seed_summary_by_hand():
-    base = dict(model="m", dataset="d", split_shift="none", n=10, ci_low=0.0, ci_high=1.0)
-    results = pd.DataFrame([
-        {**base, "method": "full_recompute", "seed": -1, "wrapper": "", "f1_micro": 0.8,
-         "agree_f1": 1.0},
-        {**base, "method": "no_recompute", "seed": -1, "wrapper": "", "f1_micro": 0.4,
-         "agree_f1": 0.5},
-        {**base, "method": "kv_packet", "seed": 0, "wrapper": "d-seed0", "f1_micro": 0.6,
-         "agree_f1": 0.7},
-        {**base, "method": "kv_packet", "seed": 1, "wrapper": "d-seed1", "f1_micro": 0.7,
-         "agree_f1": 0.9}])
-    row = seed_summary(results).iloc[0]
-    assert (row.adapter, row.seeds) == ("d", 2)
-    assert row.f1_mean == pytest.approx(0.65) and row.f1_sd == pytest.approx(0.05)
-    assert row.agree_mean == pytest.approx(0.8) and row.f1_ratio == pytest.approx(0.65 / 0.8)
-    assert (row.no_recompute_f1, row.no_recompute_agree) == (0.4, 0.5)
-
-
-SHIPPED_ROWS = ADAPTER_DIR / "rows" / "smollm2-135m__biography__none.csv.gz"
-
-
-def shipped_digests() -> dict[str, str]:
-    files = [ADAPTER_DIR / "results.csv", *sorted((ADAPTER_DIR / "rows").glob("*.csv.gz"))]
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
-
-
-def test_smaller_n_merges_into_the_rows_file_and_never_shrinks_it(tmp_path, smollm):
-    rows_path = tmp_path / "rows.csv.gz"
-    shutil.copy(SHIPPED_ROWS, rows_path)
-    before = read_rows(rows_path)
-    table = evaluate_adapters("smollm2-135m", "biography", "none", n=1, max_new_tokens=32,
-                              rows_path=rows_path)  # the shipped answers of sample 1 are reused
-    after = read_rows(rows_path)
-    assert len(after) == len(before) > 600
-    assert list(table.n) == [1, 1, 1]
-    with pytest.raises(ValueError, match="max_new_tokens=\\[32\\], not 8.*--out DIR"):
-        check_rows_budget(rows_path, 8)
-
-
-def test_results_of_another_n_are_refused(tmp_path):
-    path = tmp_path / "results.csv"
-    shutil.copy(ADAPTER_DIR / "results.csv", path)
-    shipped = pd.read_csv(path, keep_default_na=False)
-    small = shipped[(shipped.dataset == "niah") & (shipped.model == "smollm2-135m")].assign(n=2)
-    with pytest.raises(ValueError, match="smollm2-135m · niah · none at n=200, not n=2"):
-        append_results(small, path)
-    assert pd.read_csv(path, keep_default_na=False).equals(shipped)
-    other = small.assign(dataset="jsonl")  # a new cell merges, the shipped rows stay
-    append_results(other, path)
-    assert len(pd.read_csv(path)) == len(shipped) + len(other)
-
-
-def test_cli_evaluate_writes_outside_the_shipped_directory(tmp_path, monkeypatch, capsys, smollm):
-    before = shipped_digests()
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit):  # refused before anything runs
-        main(["evaluate", "--dataset", "biography", "--n", "2", "--max-new-tokens", "32",
-              "--update-shipped"])
-    assert "at n=200, not n=2" in capsys.readouterr().err
-    main(["evaluate", "--dataset", "biography", "--n", "1", "--max-new-tokens", "4"])
-    assert len(pd.read_csv(tmp_path / "results" / "adapters" / "results.csv")) == 3
-    assert (tmp_path / "results" / "adapters" / "rows" /
-            "smollm2-135m__biography__none.csv.gz").is_file()
-    assert shipped_digests() == before
-
-
-def test_the_recipe_is_the_sweep_variant_with_the_lowest_validation_loss():
-    from kvp.adapters import BIOGRAPHY_CHOICE, sweep_table
-
-    table = sweep_table(ADAPTER_DIR)
-    qwen = table[table.model == "qwen2.5-coder-0.5b"]
-    assert len(qwen) >= 3 and qwen.val_loss.notna().all()
-    assert qwen.loc[qwen.val_loss.idxmin(), "variant"] == BIOGRAPHY_CHOICE
-    assert (qwen.teacher_topk_mass > 0.99).all()
-
-
-def test_results_csv_is_what_the_rows_give():
-    from kvp.adapters import results_from_rows
-
-    shipped = pd.read_csv(ADAPTER_DIR / "results.csv", keep_default_na=False)
-    again = results_from_rows(ADAPTER_DIR / "rows", n_boot=2)  # point estimates only
-    key = ["model", "dataset", "split_shift", "method", "wrapper"]
-    merged = shipped.merge(again, on=key, suffixes=("", "_again"))
-    assert len(merged) == len(shipped) == len(again)
-    for column in ("n", "f1_micro", "agree_f1", "retention"):
-        assert (merged[column] - merged[f"{column}_again"]).abs().max() < 1e-4, column
-
-
-def test_retention_counts_full_recalls_where_full_recompute_recalls():
-    from kvp.evaluate import summarize
-
-    def row(sample, method, tp, fn):
-        return {"model": "m", "dataset": "d", "method": method, "setting": "", "sample_id": sample,
-                "answer": "x", "gold": ["x"], "tp": tp, "fp": 0, "fn": fn, "ttft_ms": 1.0,
-                "flops": 1.0}
-
-    rows = pd.DataFrame([row(1, "full_recompute", 1, 0), row(2, "full_recompute", 1, 0),
-                         row(3, "full_recompute", 0, 1),
-                         row(1, "kv_packet", 1, 0), row(2, "kv_packet", 1, 1),
-                         row(3, "kv_packet", 1, 0)])  # sample 3 does not count: full missed it
-    out = summarize(rows, n_boot=10).set_index("method")
-    assert out.loc["full_recompute", "retention"] == 1.0
-    assert out.loc["kv_packet", "retention"] == 0.5

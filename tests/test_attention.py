@@ -21,7 +21,7 @@ TASK = "Where was Bruno Keller born?<|im_end|>\n<|im_start|>assistant\n"
 
 @pytest.fixture(scope="module")
 def ctx(smollm_eager):
-    model, tokenizer, _ = smollm_eager
+    model, tokenizer = smollm_eager.model, smollm_eager.tokenizer
     wrapper = PacketWrapper.init_from_embeddings(model, h=4, t=3, seed=0)
     store = PacketStore(model, tokenizer, "smollm2-135m")
     return make_context(model, tokenizer, store, PREAMBLE, DOCUMENTS, TASK, wrapper=wrapper)
@@ -88,7 +88,7 @@ def test_attention_rows_are_distributions(maps):
 
 
 def test_capture_switches_a_sdpa_model_to_eager_and_back(smollm):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     store = PacketStore(model, tokenizer, "smollm2-135m")
     small = make_context(model, tokenizer, store, PREAMBLE, DOCUMENTS[:1], TASK)
     amap = A.capture(small, "no_recompute")
@@ -151,7 +151,7 @@ def test_attention_mass_and_spread(maps):
 
 
 def test_kv_packet_needs_a_wrapper(smollm_eager):
-    model, tokenizer, _ = smollm_eager
+    model, tokenizer = smollm_eager.model, smollm_eager.tokenizer
     plain = make_context(model, tokenizer, PacketStore(model, tokenizer, "smollm2-135m"), PREAMBLE,
                          DOCUMENTS[:1], TASK)
     with pytest.raises(ValueError, match="PacketWrapper"):

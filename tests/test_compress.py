@@ -11,7 +11,7 @@ from kvpress.utils import compute_n_kept
 
 from kvp.compress import (PRESSES, CompressedStore, JointCompressed, ProtectedPress,
                           compress_packet, compression_runs, make_press, min_tokens,
-                          summarize_runs)
+                          press_summary)
 from kvp.data import Sample
 from kvp.data.prompts import build_segments, segment_ids
 from kvp.evaluate import EvalSettings
@@ -34,12 +34,12 @@ RATIO = 0.3
 
 @pytest.fixture(scope="module")
 def wrapper(smollm):
-    return PacketWrapper.init_from_embeddings(smollm[0], h=8, t=8, seed=0, model_name="smollm2-135m")
+    return PacketWrapper.init_from_embeddings(smollm.model, h=8, t=8, seed=0, model_name="smollm2-135m")
 
 
 @pytest.fixture(scope="module")
 def full_packet(smollm, wrapper):
-    model, tok, _ = smollm
+    model, tok = smollm.model, smollm.tokenizer
     return build_packet(model, tok, DOCS[0], wrapper)
 
 
@@ -58,7 +58,7 @@ def pairs(packet) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", list(PRESSES))
 def test_packet_keeps_budget_span_and_original_rows(smollm, wrapper, full_packet, name):
-    model, tok, _ = smollm
+    model, tok = smollm.model, smollm.tokenizer
     packet = compress_packet(model, tok, DOCS[0], make_press(name, RATIO), wrapper)
     n = full_packet.kv.length
     assert packet.kv.length == compute_n_kept(n, RATIO)
@@ -72,7 +72,7 @@ def test_packet_keeps_budget_span_and_original_rows(smollm, wrapper, full_packet
 
 @pytest.mark.parametrize("name", list(PRESSES))
 def test_protected_packet_keeps_header_and_trailer(smollm, wrapper, full_packet, name):
-    model, tok, _ = smollm
+    model, tok = smollm.model, smollm.tokenizer
     packet = compress_packet(model, tok, DOCS[0], make_press(name, RATIO), wrapper,
                              protect_wrapper=True)
     assert packet.kv.length == compute_n_kept(full_packet.kv.length, RATIO)  # same budget
@@ -82,7 +82,7 @@ def test_protected_packet_keeps_header_and_trailer(smollm, wrapper, full_packet,
 
 def test_protection_changes_what_is_kept(smollm, wrapper, full_packet):
     """StreamingLLM evicts the tokens after its 4 sinks, i.e. header tokens 4..7, unless protected."""
-    model, tok, _ = smollm
+    model, tok = smollm.model, smollm.tokenizer
     header = pairs(full_packet)[..., :8, :]
     plain = compress_packet(model, tok, DOCS[0], StreamingLLMPress(RATIO), wrapper)
     assert not rows_found(header, pairs(plain))[..., 4:].any()
@@ -92,7 +92,7 @@ def test_protection_changes_what_is_kept(smollm, wrapper, full_packet):
 
 @pytest.mark.parametrize("name", list(PRESSES))
 def test_ratio_zero_is_the_uncompressed_packet(smollm, wrapper, full_packet, name):
-    model, tok, _ = smollm
+    model, tok = smollm.model, smollm.tokenizer
     packet = compress_packet(model, tok, DOCS[0], make_press(name, 0.0), wrapper, True)
     assert torch.equal(packet.kv.keys, full_packet.kv.keys)
     assert torch.equal(packet.kv.values, full_packet.kv.values)
@@ -102,7 +102,7 @@ def test_ratio_zero_is_the_uncompressed_packet(smollm, wrapper, full_packet, nam
 def test_assembled_compressed_packets_keep_global_rotation(smollm, wrapper):
     """Compressed packets re-rotated by offsets from their spans give exactly the rows of the
     assembled uncompressed context (the second packet's offset depends on the first's span)."""
-    model, tok, _ = smollm
+    model, tok = smollm.model, smollm.tokenizer
     preamble = build_packet(model, tok, PREAMBLE).kv
     full = [build_packet(model, tok, d, wrapper) for d in DOCS]
     small = [compress_packet(model, tok, d, KnormPress(0.5), wrapper) for d in DOCS]
@@ -117,7 +117,7 @@ def test_assembled_compressed_packets_keep_global_rotation(smollm, wrapper):
 
 
 def test_kv_packet_runs_on_compressed_store(smollm, wrapper):
-    model, tok, _ = smollm
+    model, tok = smollm.model, smollm.tokenizer
     plain = PacketStore(model, tok, "smollm2-135m")
     zero = CompressedStore(model, tok, "smollm2-135m", press=KnormPress(0.0), protect_wrapper=True)
     method = get_method("kv_packet")
@@ -140,7 +140,7 @@ def test_kv_packet_runs_on_compressed_store(smollm, wrapper):
 
 
 def test_joint_baseline(smollm):
-    model, tok, _ = smollm
+    model, tok = smollm.model, smollm.tokenizer
     ctx = make_context(model, tok, PacketStore(model, tok, "smollm2-135m"), PREAMBLE, DOCS, TASK)
     full = get_method("full_recompute").prefill(ctx, None)
     zero = JointCompressed(KnormPress(0.0))
@@ -156,7 +156,7 @@ def test_joint_baseline(smollm):
 
 
 def test_refusals(smollm, wrapper):
-    model, tok, _ = smollm
+    model, tok = smollm.model, smollm.tokenizer
     for press in (AdaKVPress(KnormPress(RATIO)), KeyRerotationPress(KnormPress(RATIO))):
         with pytest.raises(ValueError, match="not supported"):
             compress_packet(model, tok, DOCS[0], press, wrapper)
@@ -169,7 +169,7 @@ def test_refusals(smollm, wrapper):
 
 
 def test_short_documents(smollm, wrapper):
-    model, tok, _ = smollm
+    model, tok = smollm.model, smollm.tokenizer
     short = "Paris."
     n = 16 + len(tokenize_document(tok, short))
     snap = make_press("snapkv", RATIO)
@@ -186,12 +186,14 @@ def test_short_documents(smollm, wrapper):
 
 
 def test_compression_sweep_table(smollm, wrapper):
-    model, tok, _ = smollm
+    model, tok = smollm.model, smollm.tokenizer
     samples = [Sample("marie", DOCS, "Where does Marie Dubois live?", ["Oslo"], {"dataset": "jsonl"})]
     settings = EvalSettings("smollm2-135m", max_new_tokens=2, progress=False)
     runs = compression_runs(model, tok, samples, ["knorm"], [0.0, 0.5], wrapper, settings)
-    table = summarize_runs(runs)
-    assert list(table.columns) == ["press", "ratio", "variant", "n", "f1_micro", "kv_tokens"]
+    table = press_summary(runs, n_boot=10)
+    assert list(table.columns) == ["model", "dataset", "method", "setting", "n", "f1_micro",
+                                   "ci_low", "ci_high", "agree_f1", "retention", "ttft_ms",
+                                   "flops", "press", "ratio", "variant", "kv_tokens"]
     assert len(table) == 6 and (table.n == 1).all()
     kv = table.set_index(["ratio", "variant"]).kv_tokens
     n_task = len(segment_ids(tok, build_segments(tok, samples[0]))[2])

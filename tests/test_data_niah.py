@@ -51,7 +51,7 @@ def test_context_length_and_forced_depth():
 
 
 def test_tokenizer_measures_the_length(smollm):
-    tokenizer = smollm[1]
+    tokenizer = smollm.tokenizer
     for s in load_dataset("niah", "test", n=3, seed=0, tokenizer=tokenizer, context_tokens=1024):
         n = len(tokenizer(" ".join(s.documents), add_special_tokens=False)["input_ids"])
         assert 0.9 * 1024 < n <= 1024 * 1.02

@@ -31,7 +31,8 @@ def _answer(model, tokenizer, question: str, max_new_tokens: int = 12) -> str:
 
 
 def test_default_model_answers_two_document_biography(smollm):
-    model, tokenizer, spec = smollm
+    model, tokenizer, spec = smollm  # a named tuple that unpacks as three values
+    assert (smollm.model, smollm.tokenizer, smollm.spec) == (model, tokenizer, spec)
     assert (spec.name, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.d_model) == (
         "smollm2-135m", 30, 9, 3, 576)
     assert not spec.random_weights
@@ -117,14 +118,14 @@ def test_random_architecture_is_marked_and_refused_for_accuracy():
 
 def test_smollm_architecture_is_the_embedded_models(smollm):
     """arch:smollm2-135m (GPU latency runs without the weights file) has the real model's shapes."""
-    real = smollm[0].config
-    arch, _, _ = load_model("arch:smollm2-135m", device="meta")
+    real = smollm.model.config
+    arch = load_model("arch:smollm2-135m", device="meta").model
     for key, value in ARCHITECTURES["arch:smollm2-135m"].items():
         if key == "rope_parameters":
             assert real.rope_parameters == value
         elif key != "model_type":
             assert getattr(real, key) == pytest.approx(value), key
-    assert sum(p.numel() for p in arch.parameters()) == sum(p.numel() for p in smollm[0].parameters())
+    assert sum(p.numel() for p in arch.parameters()) == sum(p.numel() for p in smollm.model.parameters())
 
 
 def test_device_and_dtype_resolution():

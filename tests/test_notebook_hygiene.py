@@ -1,14 +1,14 @@
-"""Every notebook is committed thin and clean: no outputs, one `parameters` cell of plain literals."""
+"""Every notebook is committed thin and clean: no outputs, one `parameters` cell of literals."""
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 from pathlib import Path
 
 import pytest
 
+from kvp.params import parameters_cell
 from kvp.pipeline import NOTEBOOKS as PLANNED
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -30,14 +30,11 @@ def load_cells(path: Path) -> list[dict]:
 
 
 def parameter_names(source: str) -> set[str]:
-    """Names assigned in a parameters cell; fails unless every statement is `NAME = <literal>`."""
-    names = set()
-    for node in ast.parse(source).body:
-        assert isinstance(node, ast.Assign) and len(node.targets) == 1, ast.unparse(node)
-        assert isinstance(node.targets[0], ast.Name), ast.unparse(node)
-        ast.literal_eval(node.value)  # raises ValueError for anything but a plain literal
-        names.add(node.targets[0].id)
-    return names
+    """Names assigned in a parameters cell; fails unless every statement is `NAME: type = <literal>`
+    (or every one `NAME = <literal>`): each parameter is declared once, with its type or without."""
+    defaults, schema = parameters_cell(source)  # raises for anything but such literals
+    assert not schema or set(schema) == set(defaults), sorted(set(defaults) - set(schema))
+    return set(defaults)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

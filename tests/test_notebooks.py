@@ -94,35 +94,3 @@ def test_unknown_parameter_name_is_refused(tmp_path):
         execute("03_evaluate", {"N_SAMPLE": 2}, tmp_path)
     assert info.value.ename == "ConfigError" and "unknown parameter N_SAMPLE" in info.value.evalue
     assert not (tmp_path / "out").exists()
-
-
-# ------------------------------------------------------------------ helpers the notebooks share
-def test_figure_names_are_stable_for_the_primary_run():
-    from kvp.plots import figure_name
-
-    assert figure_name("fig3_main_results", model="smollm2-135m", dataset="biography", seed=42) == \
-        "fig3_main_results"
-    assert figure_name("fig3_main_results", model="smollm2-135m", dataset="niah", seed=42) == \
-        "fig3_main_results_niah"
-    assert figure_name("latency", model="meta-llama/Llama-3.1-8B", seed=43) == \
-        "latency_meta-llama-Llama-3.1-8B_43"
-    with pytest.raises(ValueError, match="'press'"):
-        figure_name("x", press="knorm")
-
-
-def test_method_grid_expands_settings_and_wrapper_specs(smollm):
-    from kvp.pipeline import ConfigError, load_wrapper, method_grid
-    from kvp.plots import setting_label
-
-    grid = method_grid(["kv_packet", "cache_blend", "epic", "a3"], [0.1, 0.5], [16])
-    assert [(m.name, m.setting) for m in grid] == [
-        ("kv_packet", ""), ("cache_blend", "ratio=0.1,check_layer=1"),
-        ("cache_blend", "ratio=0.5,check_layer=1"), ("epic", "n_tokens=16"), ("a3", "ratio=0.1"),
-        ("a3", "ratio=0.5")]
-    assert [setting_label(m.name, m.setting) for m in grid[1:4]] == [
-        "CacheBlend r=0.1", "CacheBlend r=0.5", "EPIC 16 tok"]
-    model, _, _ = smollm
-    wrapper = load_wrapper("untrained", model, "smollm2-135m", "biography")
-    assert (wrapper.h, wrapper.t) == (8, 8)
-    with pytest.raises(ConfigError, match="'no/such/file'.*untrained"):
-        load_wrapper("no/such/file", model, "smollm2-135m", "biography")

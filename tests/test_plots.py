@@ -7,10 +7,14 @@ import pandas as pd
 import pytest
 
 from kvp import plots
-from kvp.pipeline import METHODS
+from kvp.adapters import ADAPTER_DIR
+from kvp.compress import VARIANTS
+from kvp.methods import METHODS
+from kvp.report import MODEL_PARAMETERS, PAPER_POINTS, seed_summary
 
 
-def test_every_method_has_a_distinct_style():
+def test_every_method_and_compression_variant_has_a_distinct_style():
+    assert set(plots.VARIANT_STYLE) == set(VARIANTS)
     assert set(plots.METHOD_STYLE) == set(METHODS)
     assert len({s.color for s in plots.METHOD_STYLE.values()}) == len(METHODS)
     assert plots.method_label("kv_packet") == "KV Packet" and plots.method_label("new") == "new"
@@ -42,27 +46,7 @@ def test_save_fig_writes_png_and_pdf(tmp_path):
     plt.close(fig)
 
 
-def test_adapter_results_figure_has_one_column_per_cell():
-    from kvp.adapters import ADAPTER_DIR
-
-    results = pd.read_csv(ADAPTER_DIR / "results.csv", keep_default_na=False)
-    fig = plots.plot_adapter_results(results)
-    cells = results.groupby(["model", "dataset", "split_shift"]).ngroups
-    assert len(fig.axes) == 2 * cells
-    first = fig.axes[0]
-    model = min(results.model)  # panels go by model, the standard test first
-    assert first.get_title().startswith(f"{model}\nbiography · none")
-    n_bars = len(results[(results.model == model) & (results.dataset == "biography")
-                         & (results.split_shift == "none")]
-                 .assign(a=lambda d: d.wrapper.str.replace(r"-seed\d+$", "", regex=True))
-                 .drop_duplicates(["method", "a"]))
-    assert len(first.patches) == n_bars
-    plt.close(fig)
-
-
 def test_fidelity_figure_places_each_model_at_its_size():
-    from kvp.adapters import ADAPTER_DIR, MODEL_PARAMETERS, PAPER_POINTS, seed_summary
-
     results = pd.read_csv(ADAPTER_DIR / "results.csv", keep_default_na=False)
     summary = seed_summary(results)
     fig = plots.plot_fidelity_vs_size(summary, PAPER_POINTS, MODEL_PARAMETERS)
@@ -73,3 +57,14 @@ def test_fidelity_figure_places_each_model_at_its_size():
     assert sorted(f1_points[0]) == sorted(ours.model.map(MODEL_PARAMETERS))
     assert sorted(f1_points[1]) == pytest.approx(sorted(100 * ours.f1_ratio))
     plt.close(fig)
+
+
+def test_figure_names_are_stable_for_the_primary_run():
+    assert plots.figure_name("fig3_main_results", model="smollm2-135m", dataset="biography", seed=42) == \
+        "fig3_main_results"
+    assert plots.figure_name("fig3_main_results", model="smollm2-135m", dataset="niah", seed=42) == \
+        "fig3_main_results_niah"
+    assert plots.figure_name("latency", model="meta-llama/Llama-3.1-8B", seed=43) == \
+        "latency_meta-llama-Llama-3.1-8B_43"
+    with pytest.raises(ValueError, match="'press'"):
+        plots.figure_name("x", press="knorm")

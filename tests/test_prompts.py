@@ -52,7 +52,7 @@ def check_segments_match_template(tokenizer):
 
 
 def test_segments_match_template_smollm(smollm):
-    check_segments_match_template(smollm[1])
+    check_segments_match_template(smollm.tokenizer)
 
 
 def test_segments_match_template_qwen():
@@ -60,7 +60,7 @@ def test_segments_match_template_qwen():
 
 
 def test_segment_roles(smollm):
-    tokenizer = smollm[1]
+    tokenizer = smollm.tokenizer
     sample = load_dataset("biography", "test", n=1, seed=0)[0]
     seg = build_segments(tokenizer, sample)
     assert seg.preamble.startswith("<|im_start|>system\n") and seg.preamble.endswith("\n")

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from kvp import train as train_mod
-from kvp.packet import PacketWrapper
 from kvp.blockmask import block_forward, block_forward_batch
+from kvp.packet import PacketWrapper
+from kvp.plots import save_loss_figure
 from kvp.train import (TrainConfig, initial_wrapper, learning_rate, mean_loss, teacher_examples,
                        token_init_ids, train, training_samples, validation_loss)
 
@@ -31,7 +32,7 @@ def weights_digest(model) -> str:
 
 @pytest.fixture(scope="module")
 def examples(smollm, tmp_path_factory):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     config = TrainConfig(**TINY)
     cache = tmp_path_factory.mktemp("runs") / "teacher"
     return config, cache, teacher_examples(model, tokenizer, training_samples(config), config,
@@ -42,7 +43,7 @@ def examples(smollm, tmp_path_factory):
 def reference_run(smollm, examples, tmp_path_factory):
     """One uninterrupted TINY run, shared by the tests that compare against it:
     (result, its directory, base-model digest before, digest after)."""
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     config, _, ex = examples
     out = tmp_path_factory.mktemp("reference") / "run"
     before = weights_digest(model)
@@ -51,13 +52,14 @@ def reference_run(smollm, examples, tmp_path_factory):
 
 
 def test_training_lowers_loss_and_keeps_model_frozen(smollm, examples, reference_run):
-    model, _, _ = smollm
+    model = smollm.model
     config, _, ex = examples
     result, out, before, after = reference_run
     initial = PacketWrapper.init_from_embeddings(model, config.h, config.t, config.seed)
     assert after == before  # base model bit-identical
     assert len(result.losses) == config.total_steps == 4
     assert mean_loss(model, result.wrapper, ex) < 0.9 * mean_loss(model, initial, ex)
+    save_loss_figure(out, config.title)  # drawn above training, from loss.csv
     for name in ("wrapper.safetensors", "loss.csv", "loss.png", "loss.pdf", "checkpoint.pt"):
         assert (out / name).exists(), name
     assert result.record["config"]["seed"] == 3 and result.record["steps"] == 4
@@ -65,7 +67,7 @@ def test_training_lowers_loss_and_keeps_model_frozen(smollm, examples, reference
 
 
 def test_teacher_targets_are_cached(smollm, examples):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     config, cache, ex = examples
     files = sorted(cache.glob("*.pt"))
     assert len(files) == config.n_samples
@@ -77,7 +79,7 @@ def test_teacher_targets_are_cached(smollm, examples):
 
 
 def test_killed_run_resumes_to_the_same_wrapper(smollm, examples, reference_run, tmp_path):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     config, cache, ex = examples
     full = reference_run[0]
     run = tmp_path / "killed"
@@ -102,7 +104,7 @@ def test_killed_run_resumes_to_the_same_wrapper(smollm, examples, reference_run,
 
 
 def test_resume_with_other_config_names_fields(smollm, examples, reference_run):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     _, _, ex = examples
     other = TrainConfig(**{**TINY, "lr": 1e-3, "epochs": 4})
     with pytest.raises(ValueError, match=r"epochs: checkpoint 2 vs now 4.*lr: checkpoint 0.01"):
@@ -110,7 +112,7 @@ def test_resume_with_other_config_names_fields(smollm, examples, reference_run):
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(smollm, examples, tmp_path, monkeypatch):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     config, _, ex = examples
     real, calls = train_mod.batch_losses, []
 
@@ -134,7 +136,7 @@ def test_bad_configs_are_refused():
 
 
 def test_padded_batch_forward_equals_one_sequence_at_a_time(smollm, examples):
-    model, _, _ = smollm
+    model = smollm.model
     _, _, ex = examples
     wrapper = PacketWrapper.init_from_embeddings(model, 2, 2, seed=5)
     shortest = min(len(e.task) + len(e.answer) for e in ex)
@@ -147,24 +149,25 @@ def test_padded_batch_forward_equals_one_sequence_at_a_time(smollm, examples):
 
 
 def test_micro_batches_train_the_same_wrapper(smollm, examples, reference_run, tmp_path):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     _, _, ex = examples
     one = reference_run[0]
     two = train(model, tokenizer, TrainConfig(**{**TINY, "micro_batch": 2}), tmp_path / "two",
-                progress=False, examples=ex, plot=False)
+                progress=False, examples=ex)
     torch.testing.assert_close(two.wrapper.header, one.wrapper.header, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(two.wrapper.trailer, one.wrapper.trailer, atol=1e-4, rtol=1e-3)
 
 
 def test_validation_selects_the_checkpoint_with_lowest_validation_loss(smollm, examples, tmp_path):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     _, cache, ex = examples
     config = TrainConfig(**{**TINY, "n_val": 2, "eval_every": 1, "lr": 0.3})
     val = teacher_examples(model, tokenizer, training_samples(config, "val"), config, cache,
                            progress=False)
     assert {s.meta["split"] for s in training_samples(config, "val")} == {"val"}
     result = train(model, tokenizer, config, tmp_path / "v", progress=False, examples=ex,
-                   val_examples=val, plot=True)
+                   val_examples=val)
+    save_loss_figure(tmp_path / "v", config.title)  # with the validation curve
     curve = pd.read_csv(tmp_path / "v" / "loss.csv")
     assert curve["val_loss"].notna().sum() == config.total_steps
     best = curve.loc[curve["val_loss"].idxmin()]
@@ -177,7 +180,7 @@ def test_validation_selects_the_checkpoint_with_lowest_validation_loss(smollm, e
 
 
 def test_token_init_and_scaled_learning_rate(smollm):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     config = TrainConfig(h=3, t=2, init="tokens", lr=2.0, lr_scale="embed_std")
     wrapper = initial_wrapper(model, tokenizer, config)
     weight = model.get_input_embeddings().weight.detach().float()

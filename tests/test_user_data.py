@@ -26,7 +26,7 @@ def user_file(tmp_path, *extra_docs: str):
 
 
 def test_a_failing_sample_is_named_and_finished_rows_are_kept(tmp_path, smollm):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     samples = load_dataset("jsonl", path=user_file(tmp_path, "word " * 9000), n=None)
     settings = EvalSettings("smollm2-135m", max_new_tokens=2, progress=False)
     with pytest.raises(SampleError, match=r"sample 'year' \(#1 of 2\): document 1: .*tokens") as info:
@@ -35,7 +35,7 @@ def test_a_failing_sample_is_named_and_finished_rows_are_kept(tmp_path, smollm):
 
 
 def test_warm_up_and_transfer_warning(tmp_path, smollm):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     samples = load_dataset("jsonl", path=user_file(tmp_path), n=1)
     settings = EvalSettings("smollm2-135m", max_new_tokens=2, progress=False)
     with pytest.warns(UserWarning, match="trained on 'niah' and is applied to \\['jsonl'\\]"):

@@ -11,7 +11,7 @@ import torch
 from kvp import models
 from kvp.adapters import ADAPTER_DIR
 from kvp.packet import PacketWrapper, build_packet
-from kvp.pipeline import load_wrapper
+from kvp.params import load_wrapper
 
 
 def flip(path, offset: int, n: int) -> None:
@@ -42,7 +42,7 @@ def test_damaged_conversion_is_detected_and_converted_again(tmp_path, monkeypatc
 
 @pytest.fixture
 def saved(tmp_path, smollm):
-    model, _, _ = smollm
+    model = smollm.model
     path = tmp_path / "wrapper.safetensors"
     PacketWrapper.init_from_embeddings(model, 2, 2, model_name="smollm2-135m").save(path)
     return path
@@ -70,7 +70,7 @@ def test_shipped_wrapper_without_checksum_still_loads():
 
 
 def test_wrapper_of_another_width_is_refused_where_it_meets_the_model(smollm, tmp_path):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     other = tmp_path / "other.safetensors"
     PacketWrapper(torch.zeros(2, 896), torch.zeros(2, 896)).save(other)  # no model name saved
     with pytest.raises(ValueError, match="d_model 896.*d_model 576.*trained for this model"):

@@ -5,12 +5,9 @@ from __future__ import annotations
 import statistics
 
 import pytest
-import torch
 
-from kvp import attention as A
-from kvp.methods import make_context
-from kvp.packet import PacketStore, PacketWrapper
-from kvp.widgets import AttentionViewer, as_viewer_sample, plain_view, segment_of, token_labels
+from kvp.packet import PacketWrapper
+from kvp.widgets import AttentionViewer, as_viewer_sample
 
 PREAMBLE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
             "Answer the question using the documents below.\n")
@@ -26,7 +23,7 @@ SAMPLES = [
 
 @pytest.fixture(scope="module")
 def viewer(smollm):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     wrapper = PacketWrapper.init_from_embeddings(model, h=2, t=2, seed=0)
     return AttentionViewer(model, tokenizer, SAMPLES, wrapper=wrapper, blend_ratio=0.5)
 
@@ -81,28 +78,8 @@ def test_token_panel_lists_top_keys_with_tooltips(viewer):
     assert "<ol>" in panel and "title='" in panel and "doc 1" in panel
 
 
-def test_token_labels_and_segments(smollm):
-    model, tokenizer, _ = smollm
-    wrapper = PacketWrapper.init_from_embeddings(model, h=2, t=1, seed=0)
-    preamble, docs, task = SAMPLES[0]
-    ctx = make_context(model, tokenizer, PacketStore(model, tokenizer, "m"), preamble, docs, task,
-                       wrapper=wrapper)
-    amap = A.capture(ctx, "kv_packet")
-    labels = token_labels(tokenizer, amap)
-    lay = amap.layout
-    assert labels[lay.headers[1][0]] == "[H1]" and labels[lay.trailers[0][0]] == "[T1]"
-    assert "".join(labels[slice(*lay.bodies[0])]) == docs[0]
-    assert segment_of(lay, lay.headers[1][0]) == "doc 2 header"
-    assert segment_of(lay, lay.bodies[1][0]) == "doc 2"
-    assert segment_of(lay, lay.final[0]) == "prompt"
-    plain, plain_layout = plain_view(amap, amap.probs[0, 0])
-    n_plain = lay.length - 2 * (2 + 1)
-    assert plain.shape == (n_plain, n_plain) and plain_layout.length == n_plain
-    torch.testing.assert_close(plain[-1], amap.probs[0, 0, -1][amap.token_ids >= 0])
-
-
 def test_samples_as_segments_and_sample_objects(smollm):
-    _, tokenizer, _ = smollm
+    tokenizer = smollm.tokenizer
     triple = as_viewer_sample(tokenizer, SAMPLES[0], 0)
     assert triple.documents == SAMPLES[0][1]
     from kvp.data import Sample
@@ -119,7 +96,7 @@ def test_samples_as_segments_and_sample_objects(smollm):
 
 
 def test_viewer_refuses_bad_arguments(smollm):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     with pytest.raises(ValueError, match="needs wrapper"):
         AttentionViewer(model, tokenizer, SAMPLES)
     with pytest.raises(ValueError, match="choose one or more"):

@@ -140,6 +140,16 @@ def _token_ids(ctx: QueryContext, layout: Layout) -> torch.Tensor:
     return ids
 
 
+def plain_view(amap: AttentionMap, matrix: torch.Tensor) -> tuple[torch.Tensor, Layout]:
+    """An (N, N) matrix of ``amap`` without its header/trailer rows and columns, and the layout
+    of what is left, (N_plain, N_plain): the tokens every method shares."""
+    keep = (amap.token_ids >= 0).nonzero()[:, 0]  # (N_plain,)
+    lay = amap.layout
+    plain = make_layout(lay.preamble[1], [b - a for a, b in lay.bodies],
+                        lay.final[1] - lay.final[0])
+    return matrix[keep][:, keep], plain
+
+
 def _check_wrapper(ctx: QueryContext, method: str) -> None:
     if ctx.wrapper is None:
         raise ValueError(f"method {method!r} needs a PacketWrapper: pass wrapper= to make_context "

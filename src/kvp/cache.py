@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from kvp.models import check_supported
+
 
 @dataclass(frozen=True)
 class ChunkKV:
@@ -32,8 +34,6 @@ class ChunkKV:
 
 def check_cache_supported(model) -> None:
     """Refuse models whose layers are not all full attention (sliding windows cannot be concatenated)."""
-    from kvp.models import check_supported
-
     check_supported(model.config)
 
 

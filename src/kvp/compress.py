@@ -48,11 +48,10 @@ from torch import nn
 from kvp.cache import encode
 from kvp.data import Sample
 from kvp.data.prompts import build_segments, segment_ids
-from kvp.evaluate import EvalSettings, evaluate
+from kvp.evaluate import EvalSettings, evaluate, method_summary
 from kvp.flops import prefill_flops
 from kvp.methods import Method, Prefilled, QueryContext, get_method
 from kvp.methods.base import prefill_on_assembled
-from kvp.metrics import f1_micro
 from kvp.packet import Packet, PacketStore, PacketWrapper, build_packet, tokenize_document
 
 PRESSES: dict[str, type[ScorerPress]] = {
@@ -303,6 +302,7 @@ def compression_runs(model, tokenizer, samples: Sequence[Sample],
                                                          for d in seg.documents)
                                  for i, seg in segments.items()}
                 frames.append(rows.assign(press=label, ratio=ratio, variant=variant,
+                                          setting=f"{label},ratio={ratio},{variant}",
                                           kv_tokens=rows.sample_id.map(kv_tokens)))
     return pd.concat(frames, ignore_index=True)
 
@@ -312,18 +312,16 @@ def compression_sweep(model, tokenizer, samples: Sequence[Sample],
                       wrapper: PacketWrapper | None, settings: EvalSettings,
                       variants: Sequence[str] = VARIANTS, allow_short: bool = False
                       ) -> pd.DataFrame:
-    """Figure 4's table: one row per (press, ratio, variant) with n, f1_micro, mean kv_tokens.
-
-    See ``compression_runs`` for the arguments and the per-sample rows behind it.
-    """
-    runs = compression_runs(model, tokenizer, samples, presses, ratios, wrapper, settings,
-                            variants, allow_short)
-    return summarize_runs(runs)
+    """Figure 4's table (:func:`press_summary`) of ``compression_runs`` with these arguments."""
+    return press_summary(compression_runs(model, tokenizer, samples, presses, ratios, wrapper,
+                                          settings, variants, allow_short))
 
 
-def summarize_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per-sample rows of ``compression_runs`` → one row per (press, ratio, variant)."""
-    out = [{"press": press, "ratio": ratio, "variant": variant, "n": len(g),
-            "f1_micro": f1_micro(list(g.answer), list(g.gold)), "kv_tokens": g.kv_tokens.mean()}
-           for (press, ratio, variant), g in runs.groupby(["press", "ratio", "variant"], sort=False)]
-    return pd.DataFrame(out)
+def press_summary(runs: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Per-sample rows of ``compression_runs`` → one row per (press, ratio, variant): the columns
+    of ``kvp.evaluate.method_summary`` (F1 with its bootstrap CI, ``n_boot`` resamples, ``seed``)
+    followed by press, ratio, variant and the mean ``kv_tokens`` kept."""
+    per_setting = runs.groupby("setting", sort=False).agg(
+        press=("press", "first"), ratio=("ratio", "first"), variant=("variant", "first"),
+        kv_tokens=("kv_tokens", "mean"))
+    return method_summary(runs, n_boot, seed).merge(per_setting.reset_index(), on="setting")

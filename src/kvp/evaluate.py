@@ -4,24 +4,30 @@ See docs/protocol.md#metrics.
 
 ``evaluate`` builds each sample's context once (documents encoded once per wrapper through the
 ``PacketStore``), runs every method on it and returns one tidy row per (sample, method).
-``summarize`` turns those rows into one row per (method, setting) with micro-F1 and its bootstrap
-CI, agreement with ``full_recompute``'s answers, median TTFT and mean FLOPs.
+``method_summary`` turns those rows into one row per (method, setting) with micro-F1 and its
+bootstrap CI, agreement with ``full_recompute``'s answers, median TTFT and mean FLOPs.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from kvp.data import Sample
+from kvp.data import Sample, load_dataset
 from kvp.data.prompts import build_segments, dataset_of, extract_answer, generation_config
 from kvp.methods import Method, QueryContext, make_context, run_method
 from kvp.metrics import agreement_f1, bootstrap_ci, f1_micro, token_f1
+from kvp.models import load_model
 from kvp.packet import PacketStore, PacketWrapper, check_length, tokenize_document
+from kvp.params import WRAPPER_SPECS, load_wrapper, method_grid
+from kvp.results import RESULTS_FILE, atomic_path, write_run_results
 
 
 class SampleError(RuntimeError):
@@ -137,7 +143,7 @@ def fully_recalled(rows: pd.DataFrame) -> pd.Series:
     return (rows.fn == 0) & (rows.tp > 0)
 
 
-def summarize(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+def method_summary(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """One row per (model, dataset, method, setting): n, f1_micro with 95% CI, agree_f1,
     retention, TTFT, FLOPs.
 
@@ -164,15 +170,6 @@ def summarize(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataF
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m kvp.evaluate --jsonl FILE --out DIR``: methods and an adapter on a user file."""
-    import argparse
-    import sys
-    from pathlib import Path
-
-    from kvp.data import load_dataset
-    from kvp.models import load_model
-    from kvp.pipeline import WRAPPER_SPECS, load_wrapper, method_grid
-    from kvp.results import RESULTS_FILE, atomic_path, write_run_results
-
     parser = argparse.ArgumentParser(
         prog="python -m kvp.evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Evaluate reuse methods on your own JSONL file (see python -m kvp.data "
@@ -219,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             err.rows.to_csv(tmp, index=False)
         print(f"error: {err}\nfinished rows: {args.out / 'samples.partial.csv'}", file=sys.stderr)
         return 1
-    summary = summarize(rows, seed=args.seed)
+    summary = method_summary(rows, seed=args.seed)
     write_run_results(args.out, summary, config, {"n_samples": len(samples),
                                                    "packets_encoded": store.n_encoded})
     with atomic_path(args.out / "samples.csv") as tmp:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvp.models import head_dim
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -30,12 +32,12 @@ class Arch:
 
     @classmethod
     def from_config(cls, config) -> Arch:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        width = head_dim(config)
         rope = getattr(config, "rope_parameters", None) or {}
         factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
         return cls(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-                   config.num_key_value_heads, head_dim, config.intermediate_size,
-                   config.vocab_size, int(head_dim * factor))
+                   config.num_key_value_heads, width, config.intermediate_size,
+                   config.vocab_size, int(width * factor))
 
 
 def layer_flops(arch: Arch, s: int, keys: int) -> int:

@@ -26,6 +26,7 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -400,9 +401,23 @@ def _hub_model(name: str, dtype: torch.dtype, quantize: str | None, device: torc
     return model, AutoTokenizer.from_pretrained(name)
 
 
+def head_dim(config) -> int:
+    """Per-head width of a model ``config``: its ``head_dim``, else hidden size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LoadedModel(NamedTuple):
+    """What :func:`load_model` returns; it unpacks as ``model, tokenizer, spec``."""
+
+    model: Any
+    tokenizer: Any
+    spec: ModelSpec
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None, quantize: str | None = None,
-               attn_implementation: str = "sdpa", config_overrides: dict | None = None):
+               attn_implementation: str = "sdpa", config_overrides: dict | None = None
+               ) -> LoadedModel:
     """Load a model by registry name, hub id or local path.
 
     Args:
@@ -413,7 +428,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
         config_overrides: for ``arch:*`` only, e.g. ``{"num_hidden_layers": 2}`` for small tests.
 
     Returns:
-        ``(model, tokenizer, spec)``; the model is in eval mode with gradients off. ``tokenizer``
+        a :class:`LoadedModel` ``(model, tokenizer, spec)``; the model is in eval mode with gradients off. ``tokenizer``
         is None for ``arch:*`` (random weights have no vocabulary worth decoding).
     """
     device = resolve_device(device)
@@ -456,10 +471,10 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
     spec = ModelSpec(
         name=name, model_type=cfg.model_type, num_layers=cfg.num_hidden_layers,
         num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
-        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        head_dim=head_dim(cfg),
         d_model=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         vocab_size=cfg.vocab_size, rope_parameters=dict(cfg.rope_parameters or {}),
         source=source, random_weights=random_weights, dtype=str(dtype).removeprefix("torch."),
         device=str(device),
     )
-    return model, tokenizer, spec
+    return LoadedModel(model, tokenizer, spec)

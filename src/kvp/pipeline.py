@@ -33,6 +33,7 @@ counts, failures) are written into ``results/<profile>/``; the exit code is 1 if
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import itertools
 import json
@@ -45,20 +46,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from types import NoneType, UnionType
-from typing import Any, Union, get_args, get_origin
+from typing import Any
 
+import papermill
 import yaml
+from tqdm.auto import tqdm
 
 from kvp import __version__
+from kvp.params import (ANNOTATION_NAMES, REPO_ROOT, ConfigError, check_params, dataset_options,
+                        method_grid, parameters_cell, repo_path, validate_params)
 from kvp.results import DONE_FILE, atomic_path, collect_summary, write_json
 
-# The one place listing what a profile may name (later pointed at the method / dataset registries).
-METHODS = (
-    "no_cache", "full_recompute", "no_recompute", "kv_packet", "cache_blend", "epic", "a3",
-    "sam_kv", "rand_recompute",
-)
-DATASETS = ("biography", "niah", "hotpotqa", "musique", "jsonl", "mixture")
 NOTEBOOKS = (
     "01_attention_shift", "02_train_adapters", "03_evaluate", "04_attention_maps",
     "05_compression", "06_latency",
@@ -68,187 +66,6 @@ PROFILE_KEYS = ("description", "defaults", "axes", "notebooks")
 NOTEBOOK_KEYS = ("expand", "params")
 RESERVED_PARAMS = ("OUT_DIR",)
 LOG_FILE = "run.log"
-
-
-class ConfigError(ValueError):
-    """A profile or a parameter value that cannot be run; the message says how to fix it."""
-
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-# Datasets read from a file named by DATA_PATH (required for jsonl, optional for the hub ones).
-FILE_DATASETS = ("jsonl", "hotpotqa", "musique")
-
-
-def repo_path(path: str) -> str:
-    """``path`` resolved against the repository root when relative (``""`` stays ``""``): a
-    notebook opened in ``notebooks/`` reads and writes where the pipeline's run does."""
-    return str(REPO_ROOT / path) if path and not Path(path).is_absolute() else path
-
-
-# ------------------------------------------------------------------------------- value checks
-def allowed_models() -> list[str]:
-    """Registry names accepted as MODEL (hub ids containing "/" and existing paths also are)."""
-    from kvp.models import registry_names
-
-    return registry_names()
-
-
-def _check_names(key: str, values: Sequence[Any], allowed: Sequence[str], kind: str, where: str) -> None:
-    bad = [v for v in values if v not in allowed]
-    if bad:
-        raise ConfigError(f"{where}: unknown {kind} {bad[0]!r} in {key}; allowed: {list(allowed)}. "
-                          f"Correct the value of {key}.")
-
-
-def _check_models(key: str, values: Sequence[Any], where: str) -> None:
-    unresolved = [v for v in values if not (isinstance(v, str) and ("/" in v or Path(v).exists()))]
-    if unresolved:
-        _check_names(key, unresolved, allowed_models(), "model", where + " (a hub id 'org/name' "
-                     "or an existing local path is also accepted)")
-
-
-def validate_params(params: Mapping[str, Any], where: str = "parameters") -> None:
-    """Check model, dataset and method names in ``params``; raise :class:`ConfigError` if unknown.
-
-    A parameter is checked by its name: ``MODEL``/``MODELS`` (or ending in ``_MODEL(S)``),
-    likewise ``DATASET(S)`` and ``METHOD(S)``; a plural name holds a list.
-    """
-    for key, value in params.items():
-        values = value if isinstance(value, list) else [value]
-        word = key.rsplit("_", 1)[-1].rstrip("S")
-        if word == "MODEL":
-            _check_models(key, values, where)
-        elif word == "DATASET":
-            _check_names(key, values, DATASETS, "dataset", where)
-        elif word == "METHOD":
-            _check_names(key, values, METHODS, "method", where)
-
-
-def _matches(value: Any, expected: Any) -> bool:
-    """Whether ``value`` fits the type hint ``expected`` (scalars, unions, list[T], dict[K, V])."""
-    origin = get_origin(expected)
-    if origin in (Union, UnionType):
-        return any(_matches(value, arg) for arg in get_args(expected))
-    if origin is list:
-        (item,) = get_args(expected)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if origin is dict:
-        k, v = get_args(expected)
-        return isinstance(value, dict) and all(_matches(a, k) and _matches(b, v) for a, b in value.items())
-    if expected in (None, NoneType):
-        return value is None
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, expected)
-
-
-def _injectable(value: Any) -> bool:
-    """Whether ``value`` is of a type papermill can inject as a parameter."""
-    return value is None or isinstance(value, (str, int, float, bool, list, dict))
-
-
-def _imported(name: str, value: Any) -> bool:
-    """Whether ``value`` is the constant ``name`` of a loaded kvp module (imported, not injected)."""
-    return any(getattr(module, name, None) is value for key, module in list(sys.modules.items())
-               if key.split(".")[0] == "kvp")
-
-
-def check_params(values: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
-    """Check a notebook's parameters against ``schema`` (name → type hint), then their names.
-
-    Call it in the first code cell after the ``parameters`` cell, e.g.
-    ``check_params(globals(), {"MODEL": str, "N_SAMPLES": int, "METHODS": list[str]})``.
-    Raises ``TypeError`` naming the parameter, its value and the expected type, and
-    :class:`ConfigError` for an unknown model / dataset / method (see :func:`validate_params`) or
-    an upper-case global the schema does not name (a misspelt papermill parameter).
-    """
-    unknown = [k for k, v in values.items() if re.fullmatch(r"[A-Z][A-Z0-9_]*", k)
-               and k not in schema and k != "SCHEMA" and _injectable(v) and not _imported(k, v)]
-    if unknown:
-        raise ConfigError(f"unknown parameter {unknown[0]}; this notebook's parameters: "
-                          f"{sorted(schema)}. Correct the name (papermill -p NAME VALUE).")
-    for name, expected in schema.items():
-        if name not in values:
-            raise TypeError(f"parameter {name} is missing; declare it in the notebook's parameters cell")
-        if not _matches(values[name], expected):
-            shown = getattr(expected, "__name__", None) if get_origin(expected) is None else None
-            raise TypeError(f"parameter {name}={values[name]!r} has type {type(values[name]).__name__}; "
-                            f"expected {shown or expected}. Fix the parameters cell or the profile.")
-    validate_params({name: values[name] for name in schema}, where="notebook parameters")
-
-
-# ------------------------------------------------------------------------ notebook helpers
-WRAPPER_SPECS = ("'untrained', 'shipped' (the shipped adapter of the run's dataset), "
-                 "'shipped:<dataset>' (e.g. 'shipped:mixture') or the path of a "
-                 "wrapper.safetensors file or of the directory holding one")
-
-
-def load_wrapper(spec: str, model, model_name: str, dataset: str, seed: int = 0,
-                 root: str | Path | None = None):
-    """The ``PacketWrapper`` a notebook's ``ADAPTER`` parameter names (see :data:`WRAPPER_SPECS`).
-
-    ``untrained`` is initialised from the embedding statistics (h = t = 8, ``seed``); ``shipped``
-    loads ``kvp.adapters.load_adapter(model_name, dataset, seed, root)`` (``root`` defaults to the
-    shipped ``data/adapters``); a path is loaded as it is.
-    """
-    from kvp.adapters import ADAPTER_DIR, load_adapter
-    from kvp.packet import PacketWrapper
-
-    if spec == "untrained":
-        return PacketWrapper.init_from_embeddings(model, 8, 8, seed, model_name=model_name)
-    if spec == "shipped" or spec.startswith("shipped:"):
-        name = spec.partition(":")[2] or dataset
-        wrapper = load_adapter(model_name, name, seed, Path(root) if root else ADAPTER_DIR)
-    else:
-        path = Path(spec)
-        path = path / "wrapper.safetensors" if path.is_dir() else path
-        if not path.is_file():
-            raise ConfigError(f"ADAPTER={spec!r} is neither a known keyword nor an existing file; "
-                              f"use {WRAPPER_SPECS}")
-        wrapper = PacketWrapper.load(path, model_name=model_name)
-    wrapper.check_model(model, model_name)
-    return wrapper
-
-
-def dataset_options(dataset: str, n_docs: int, context_tokens: int, chunk_chars: int,
-                    data_path: str = "") -> dict:
-    """``load_dataset`` keyword arguments from the notebooks' dataset parameters.
-
-    Biography takes ``N_DOCS`` documents per sample; NIAH a haystack of ``CONTEXT_TOKENS``
-    tokens cut into chunks of at most ``CHUNK_CHARS`` characters; jsonl (and a local copy of
-    hotpotqa / musique) the file ``DATA_PATH``, resolved against the repository root.
-    """
-    if dataset == "biography":
-        return {"num_docs": n_docs}
-    if dataset == "niah":
-        return {"context_tokens": context_tokens, "chunk_chars": chunk_chars}
-    if dataset == "jsonl" and not data_path:
-        raise ConfigError("DATASET='jsonl' needs DATA_PATH, the path of your .jsonl file (check "
-                          "it with: python -m kvp.data validate FILE)")
-    return {"path": repo_path(data_path)} if dataset in FILE_DATASETS and data_path else {}
-
-
-def method_grid(methods: Sequence[str], recompute_ratios: Sequence[float],
-                epic_tokens: Sequence[int]) -> list:
-    """One ``kvp.methods`` instance per (method, setting) of a notebook's method parameters.
-
-    Methods with a recompute ``ratio`` (cache_blend, a3, rand_recompute) get one instance per
-    value of ``recompute_ratios``, ``epic`` one per value of ``epic_tokens``, the others their
-    defaults. E.g. ``method_grid(["kv_packet", "epic"], [0.3], [16, 32])`` has three entries.
-    """
-    from kvp.methods import get_method
-
-    grid = []
-    for name in methods:
-        if name in ("cache_blend", "a3", "rand_recompute"):
-            grid += [get_method(name, ratio=r) for r in recompute_ratios]
-        elif name == "epic":
-            grid += [get_method(name, n_tokens=n) for n in epic_tokens]
-        else:
-            grid.append(get_method(name))
-    return grid
 
 
 # ------------------------------------------------------------------------------------ profiles
@@ -375,32 +192,23 @@ def load_profile(name: str, config_dir: str | Path = "configs") -> Profile:
     return parse_profile(name, data, path)
 
 
-def notebook_parameters(path: Path) -> set[str]:
-    """Names declared in the notebook's ``parameters`` cell."""
-    import papermill
-
-    return set(papermill.inspect_notebook(str(path)))
-
-
 def notebook_schema(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(defaults of the ``parameters`` cell, the ``SCHEMA`` its check cell passes to
-    :func:`check_params`); an empty schema when the notebook declares none."""
-    import ast
-
-    import papermill
-
-    defaults = {name: ast.literal_eval(p["default"])
-                for name, p in papermill.inspect_notebook(str(path)).items()}
-    types = {"list": list, "dict": dict, "int": int, "float": float, "str": str, "bool": bool}
-    for cell in json.loads(path.read_text())["cells"]:
-        if cell["cell_type"] != "code":
-            continue
+    """(defaults, types) of the notebook's ``parameters`` cell (:func:`kvp.params.parameters_cell`);
+    a cell of plain ``NAME = value`` lines takes its types from a ``SCHEMA = {...}`` dict of a
+    later cell, and an empty schema when there is none."""
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(tagged) != 1:
+        raise ConfigError(f"{path}: {len(tagged)} cells are tagged 'parameters'; tag exactly one")
+    defaults, schema = parameters_cell("".join(tagged[0]["source"]), f"{path}, parameters cell")
+    if schema:
+        return defaults, schema
+    for cell in cells:
         for node in ast.parse("".join(cell["source"])).body:
             if (isinstance(node, ast.Assign) and len(node.targets) == 1
                     and getattr(node.targets[0], "id", None) == "SCHEMA"):
-                schema = eval(compile(ast.Expression(node.value), str(path), "eval"),  # noqa: S307
-                              {"__builtins__": {}, **types})
-                return defaults, schema
+                return defaults, eval(compile(ast.Expression(node.value), str(path), "eval"),  # noqa: S307
+                                      {"__builtins__": {}}, ANNOTATION_NAMES)
     return defaults, {}
 
 
@@ -425,7 +233,7 @@ def check_run_values(values: Mapping[str, Any], schema: Mapping[str, Any], where
 
 def validate(profile: Profile, runs: Sequence[Run], notebook_dir: Path, need_files: bool) -> None:
     """Check notebook names, parameter values and (where the notebook exists) parameter names,
-    types (the notebook's ``SCHEMA``), method settings and data files."""
+    types (:func:`notebook_schema`), method settings and data files."""
     present = sorted(p.stem for p in notebook_dir.glob("*.ipynb"))
     allowed = sorted({*NOTEBOOKS, *present})
     for name in profile.notebooks:
@@ -489,8 +297,6 @@ def _write_log(run: Run, notebook: Path, error: BaseException | None) -> Path:
 
 def execute_run(run: Run, notebook_dir: Path, force: bool = False) -> Outcome:
     """Execute one run unless already done; the executed notebook appears only when complete."""
-    import papermill
-
     done = run.out_dir / DONE_FILE
     if done.exists() and not force:
         return Outcome(run, "skipped")
@@ -520,8 +326,6 @@ def execute_run(run: Run, notebook_dir: Path, force: bool = False) -> Outcome:
 
 def run_matrix(runs: Sequence[Run], notebook_dir: Path, force: bool = False) -> list[Outcome]:
     """Execute every run in order with a progress bar; failures are collected, not raised."""
-    from tqdm.auto import tqdm
-
     outcomes = []
     with tqdm(runs, desc="pipeline", unit="run") as bar:
         for run in bar:

@@ -13,11 +13,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import FuncFormatter, NullLocator
 
+from kvp.attention import plain_view
+from kvp.blockmask import Layout
 from kvp.results import atomic_path
 
 DPI = 150
@@ -220,8 +224,6 @@ def plot_setting_bars(df: pd.DataFrame, metric: str, ax: plt.Axes, *, log: bool 
 
 def _plain_log_labels(ax: plt.Axes, axis: str = "y") -> None:
     """Label log axes (``"x"``, ``"y"`` or ``"both"``) with plain numbers (``30``, ``200``)."""
-    from matplotlib.ticker import FuncFormatter
-
     def minor(value: float, _) -> str:  # label the 2s and 5s between the powers of ten
         mantissa = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0
         return f"{value:g}" if round(mantissa) in (2, 5) else ""
@@ -237,9 +239,9 @@ def plot_main_results(summary: pd.DataFrame, reference: pd.DataFrame | None = No
     """Figure 3: F1 (with 95% CI), FLOPs (log) and TTFT (log) per method and setting.
 
     ``summary`` has one row per (method, setting) with ``f1_micro, ci_low, ci_high, flops,
-    ttft_ms`` (``kvp.evaluate.summarize``). ``reference`` (optional, the paper's rows for the same
-    dataset: ``method, setting, f1, flops, ttft_ms``) is drawn in a separate, hatched second row
-    titled as the paper's, never in the panels of this run.
+    ttft_ms`` (``kvp.evaluate.method_summary``). ``reference`` (optional, the paper's rows for the
+    same dataset: ``method, setting, f1, flops, ttft_ms``) is drawn in a separate, hatched second
+    row titled as the paper's, never in the panels of this run.
     """
     n_rows = 1 if reference is None or reference.empty else 2
     width = max(12.0, 0.42 * len(summary) * 3)
@@ -279,7 +281,7 @@ def plot_attention_shift(deviation: pd.DataFrame, mass: pd.DataFrame, spread: pd
     (c) attention mass of the prompt on each document's first token (the sink) and (d) on the
     documents in total, per method (KV Packet's header dotted: its sink moves there) (``attention_mass`` rows with a ``sample_id`` column, mean
     over samples); (e) normalised entropy of the prompt's
-    attention over documents (``document_spread``); (f) F1 per method (``summarize`` rows).
+    attention over documents (``document_spread``); (f) F1 per method (``method_summary`` rows).
     """
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.2))
     docs = deviation[(deviation["segment"] == "document") & (deviation["document"] > 1)]
@@ -322,12 +324,38 @@ def plot_attention_shift(deviation: pd.DataFrame, mass: pd.DataFrame, spread: pd
     return fig
 
 
-def _log_attention(matrix, floor: float = 1e-4):
-    """log10 of an attention matrix (tensor or array), clamped at ``floor``, NaN kept."""
+LOG_FLOOR = 1e-4  # attention below this is drawn in the floor colour of the log-scale maps
+MISSING_COLOR = "#d9d9d9"  # entries a method does not compute (NaN), in figures and the viewer
+
+
+def log_attention(matrix, floor: float = LOG_FLOOR) -> np.ndarray:
+    """log10 of an (N, N) attention matrix (tensor or array), clamped at ``floor``, NaN kept."""
     values = np.asarray(matrix, dtype=float)
     out = np.log10(np.clip(values, floor, None))
     out[np.isnan(values)] = np.nan
     return out
+
+
+def with_missing(name: str):
+    """The colormap ``name`` with NaN (a missing entry) drawn in :data:`MISSING_COLOR`."""
+    return matplotlib.colormaps[name].with_extremes(bad=MISSING_COLOR)
+
+
+def draw_boundaries(ax: plt.Axes, layout: Layout, n: int) -> None:
+    """Segment lines on both axes of an (n, n) map; ticks name the preamble, documents and prompt."""
+    edges = {layout.preamble[1], layout.final[0]}
+    for h, body, t in zip(layout.headers, layout.bodies, layout.trailers):
+        edges |= {h[0], body[0], body[1], t[1]}
+    for e in sorted(edges - {0, n}):
+        major = e in {layout.preamble[1], layout.final[0]} or any(e == d[0] for d in layout.docs)
+        style = dict(color="white" if major else "#bbbbbb", lw=0.9 if major else 0.4)
+        ax.axvline(e - 0.5, **style)
+        ax.axhline(e - 0.5, **style)
+    ticks = [(sum(layout.preamble) / 2, "pre")]
+    ticks += [((a + b) / 2, f"D{i + 1}") for i, (a, b) in enumerate(layout.bodies)]
+    ticks.append((sum(layout.final) / 2, "prompt"))
+    ax.set_xticks([p - 0.5 for p, _ in ticks], [s for _, s in ticks], fontsize=8)
+    ax.set_yticks([p - 0.5 for p, _ in ticks], [s for _, s in ticks], fontsize=8)
 
 
 def plot_attention_equivalence(block, cached, full, layer: int) -> plt.Figure:
@@ -340,8 +368,6 @@ def plot_attention_equivalence(block, cached, full, layer: int) -> plt.Figure:
     ``layer`` (mean over heads, log scale); bottom row: the prompt's rows of the first two and
     their absolute difference.
     """
-    from kvp.widgets import draw_boundaries, plain_view
-
     mean = {name: amap.probs[layer].float().mean(0) for name, amap in
             (("block", block), ("cached", cached), ("full", full))}  # (N, N) each
     start, n = block.layout.final[0], block.layout.length
@@ -354,7 +380,7 @@ def plot_attention_equivalence(block, cached, full, layer: int) -> plt.Figure:
               (block, mean["block"], "block-mask forward (training)\n[preamble][H doc T]…[prompt]"),
               (cached, mean["cached"], "packets encoded alone + re-rotated\n(query time: prompt rows)")]
     for ax, (amap, matrix, title) in zip(axes[0], panels):
-        shown = ax.imshow(_log_attention(matrix), cmap=_with_bad("magma"), vmin=-4, vmax=0,
+        shown = ax.imshow(log_attention(matrix), cmap=with_missing("magma"), vmin=-4, vmax=0,
                           interpolation="nearest")
         draw_boundaries(ax, amap.layout, amap.layout.length)
         ax.set_title(title, fontsize=10)
@@ -368,7 +394,7 @@ def plot_attention_equivalence(block, cached, full, layer: int) -> plt.Figure:
               (diff, f"|difference|: max {float(diff.max()):.1e} (identical up to float error)",
                "viridis", (-9, -1))]
     for ax, (matrix, title, cmap, (lo, hi)) in zip(axes[1], strips):
-        shown = ax.imshow(_log_attention(matrix, 10.0 ** lo), cmap=_with_bad(cmap), vmin=lo,
+        shown = ax.imshow(log_attention(matrix, 10.0 ** lo), cmap=with_missing(cmap), vmin=lo,
                           vmax=hi, extent=extent, aspect="auto", interpolation="nearest")
         draw_boundaries(ax, block.layout, n)
         ax.set_ylim(n - 0.5, start - 0.5)
@@ -380,12 +406,6 @@ def plot_attention_equivalence(block, cached, full, layer: int) -> plt.Figure:
                           f"{float(gap.abs().sum(-1).mean()) / 2:.2f} (shared tokens)", fontsize=9)
     fig.suptitle(f"Attention of one sample, layer {layer}, mean over heads", fontsize=12)
     return fig
-
-
-def _with_bad(name: str):
-    import matplotlib
-
-    return matplotlib.colormaps[name].with_extremes(bad="#d9d9d9")
 
 
 SEGMENT_COLORS = {"preamble": "#636363", "header": "#31a354", "document": "#08519c",
@@ -417,7 +437,7 @@ def plot_segment_scores(scores: pd.DataFrame) -> plt.Figure:
         part = scores[scores["method"] == method]
         cols = part["segment"].map(offsets) + part["position_bin"]
         grid[part["layer"].to_numpy(), cols.to_numpy()] = part["score"].to_numpy()
-        shown = ax.imshow(grid, aspect="auto", cmap=_with_bad("viridis"), vmin=lo, vmax=hi,
+        shown = ax.imshow(grid, aspect="auto", cmap=with_missing("viridis"), vmin=lo, vmax=hi,
                           interpolation="nearest", origin="lower")
         ax.grid(False)
         ax.set_xticks([offsets[s] + widths[s] / 2 - 0.5 for s in segments], segments,
@@ -447,7 +467,7 @@ def plot_compression(sweep: pd.DataFrame, baselines: pd.DataFrame | None = None)
     """Figure 4: F1 against the fraction of KV removed, one panel per press.
 
     ``sweep`` rows: press, ratio, variant (``kvp.compress.VARIANTS``), f1_micro and optionally
-    ci_low/ci_high. ``baselines`` (``summarize`` rows, e.g. uncompressed KV Packet and full
+    ci_low/ci_high. ``baselines`` (``method_summary`` rows, e.g. uncompressed KV Packet and full
     recompute) are drawn as dashed horizontal lines in every panel.
     """
     presses = list(dict.fromkeys(sweep["press"]))
@@ -502,8 +522,6 @@ def plot_latency_grid(bench: pd.DataFrame) -> plt.Figure:
     one line per method setting (optimised variants: ``line_style``), log-log axes with
     the measured values as ticks; one legend for the figure.
     """
-    from matplotlib.ticker import NullLocator
-
     ok = bench[bench["status"] == "ok"].assign(setting=lambda d: d["setting"].fillna(""))
     ok = ok.assign(line=[setting_label(m, s.split(",check_layer")[0]) + ("" if v == "plain" else f" [{v}]")
                          for m, s, v in zip(ok["method"], ok["setting"], ok["variant"])])
@@ -549,54 +567,6 @@ def plot_latency_grid(bench: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def plot_adapter_results(results: pd.DataFrame) -> plt.Figure:
-    """The shipped adapters' table as small multiples: one column per (dataset, shift), F1 (with
-    95% CIs) on top and agreement with full recompute below. KV Packet bars are the mean over
-    wrapper seeds, each seed a dot; the mixture adapter is hatched.
-
-    ``results`` has the columns of ``data/adapters/results.csv``.
-    """
-    from kvp.adapters import adapter_of
-
-    results = results.assign(adapter=adapter_of(results.wrapper))
-    cells = sorted(results.groupby(["model", "dataset", "split_shift"]).groups,
-                   key=lambda c: (c[0], c[1], c[2] != "none", c[2]))  # the standard test first
-    set_theme()
-    fig, axes = plt.subplots(2, len(cells), figsize=(2.3 * len(cells) + 1, 5.5), squeeze=False,
-                             sharey="row")
-    for col, (model, dataset, shift) in enumerate(cells):
-        cell = results[(results.model == model) & (results.dataset == dataset)
-                       & (results.split_shift == shift)]
-        bars = []  # (label, method, adapter, rows)
-        for method in ("full_recompute", "no_recompute"):
-            bars += [(method_label(method), method, "", cell[cell.method == method])]
-        for adapter, g in cell[cell.method == "kv_packet"].groupby("adapter", sort=False):
-            bars.append((f"KV Packet\n({adapter})", "kv_packet", adapter, g))
-        bars = [b for b in bars if len(b[3])]
-        for row, metric in enumerate(("f1_micro", "agree_f1")):
-            ax = axes[row, col]
-            for i, (label, method, adapter, g) in enumerate(bars):
-                mean = g[metric].mean()
-                err = None
-                if metric == "f1_micro" and len(g) == 1:
-                    err = [[max(mean - g.ci_low.iloc[0], 0)], [max(g.ci_high.iloc[0] - mean, 0)]]
-                ax.bar(i, mean, color=method_style(method).color, yerr=err, capsize=3,
-                       hatch="//" if adapter == "mixture" else None, edgecolor="white")
-                if len(g) > 1:
-                    ax.scatter([i] * len(g), g[metric], color="black", s=10, zorder=3)
-            ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=60, ha="right",
-                          fontsize=8)
-            if row == 0:
-                ax.set_title(f"{model}\n{dataset} · {shift} · n={int(cell.n.iloc[0])}", fontsize=9)
-                ax.tick_params(labelbottom=False)
-            if col == 0:
-                ax.set_ylabel("micro F1 (95% CI)" if row == 0 else "agreement with full")
-    fig.suptitle(f"Shipped adapters · {', '.join(sorted(results.model.unique()))} · "
-                 "dots = wrapper seeds", y=1.01)
-    fig.tight_layout()
-    return fig
-
-
 def plot_fidelity_vs_size(summary: pd.DataFrame, paper: list[tuple], parameters: dict[str, float]
                           ) -> plt.Figure:
     """Fidelity against model size on biography (5 documents, standard test): KV Packet F1 as a
@@ -604,7 +574,7 @@ def plot_fidelity_vs_size(summary: pd.DataFrame, paper: list[tuple], parameters:
     over wrapper seeds, the seed range as an error bar), beside the paper's points (% of F1 only,
     hollow markers).
 
-    ``summary`` is :func:`kvp.adapters.seed_summary` of the results table; ``paper`` holds
+    ``summary`` is :func:`kvp.report.seed_summary` of the results table; ``paper`` holds
     (label, parameters, full F1, KV Packet F1); ``parameters`` maps model names to counts.
     """
     rows = summary[(summary.dataset == "biography") & (summary.split_shift == "none")
@@ -634,3 +604,35 @@ def plot_fidelity_vs_size(summary: pd.DataFrame, paper: list[tuple], parameters:
     ax.axhline(100, color="grey", lw=0.5)
     ax.legend(frameon=False, fontsize=7, loc="lower right")
     return fig
+
+
+def plot_loss(losses: pd.DataFrame, title: str) -> plt.Figure:
+    """Training loss per optimiser step and per epoch, and the validation passes when there are
+    any, with the selected one marked. ``losses``: the rows of a run's ``loss.csv``
+    (``kvp.train.LOSS_COLUMNS``)."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(losses["step"], losses["loss"], color="#9ecae1", lw=1, label="train, per step")
+    epochs = losses.groupby("epoch").agg(step=("step", "max"), loss=("loss", "mean"))
+    ax.plot(epochs["step"], epochs["loss"], color="#08519c", marker="o", ms=3,
+            label="train, epoch mean")
+    if "val_loss" in losses and losses["val_loss"].notna().any():
+        val = losses.dropna(subset=["val_loss"])
+        ax.plot(val["step"], val["val_loss"], color="#d95f02", marker="s", ms=3, label="validation")
+        ax.plot(val["step"], val["val_first"], color="#d95f02", ls=":", lw=1,
+                label="validation, first answer token")
+        chosen = val.loc[val["val_loss"].idxmin()]
+        ax.scatter([chosen["step"]], [chosen["val_loss"]], s=60, facecolors="none",
+                   edgecolors="black", zorder=5, label=f"selected (step {int(chosen['step'])})")
+    ax.set(xlabel="optimiser step", ylabel="loss per sample", title=title)
+    ax.legend(frameon=False, fontsize=7)
+    return fig
+
+
+def save_loss_figure(run_dir: str | Path, title: str) -> tuple[Path, Path]:
+    """:func:`plot_loss` of ``run_dir``/loss.csv saved as ``run_dir``/loss.png and loss.pdf."""
+    set_theme()
+    fig = plot_loss(pd.read_csv(Path(run_dir) / "loss.csv"), title)
+    try:
+        return save_fig(fig, "loss", fig_dir=run_dir)
+    finally:
+        plt.close(fig)

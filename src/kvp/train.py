@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import hashlib
@@ -36,6 +37,7 @@ from kvp.blockmask import block_forward_batch
 from kvp.data import Sample, load_dataset, seeded_rng
 from kvp.data.prompts import build_segments, dataset_of, generation_config, segment_ids
 from kvp.generate import greedy_decode, prefill
+from kvp.models import load_model
 from kvp.packet import PacketWrapper
 from kvp.results import atomic_path
 from transformers import DynamicCache
@@ -115,6 +117,11 @@ class TrainConfig:
     def validation_steps(self) -> int:
         """Optimiser steps between validation passes."""
         return self.eval_every or self.steps_per_epoch
+
+    @property
+    def title(self) -> str:
+        """How figures name the run: ``"smollm2-135m · biography · seed 0"``."""
+        return f"{self.model} · {self.dataset} · seed {self.seed}"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -343,12 +350,11 @@ def matmul_precision(tf32: bool):
 
 
 def train(model, tokenizer, config: TrainConfig, out_dir: str | Path, progress: bool = True,
-          examples: list[Example] | None = None, plot: bool = True,
+          examples: list[Example] | None = None,
           val_examples: list[Example] | None = None) -> TrainResult:
-    """Train a wrapper; writes ``out_dir``/{checkpoint.pt, loss.csv, loss.png/pdf, wrapper.safetensors}.
+    """Train a wrapper; writes ``out_dir``/{checkpoint.pt, loss.csv, wrapper.safetensors}.
 
-    ``plot=False`` skips the loss figure (for machines without the plotting stack; draw it later
-    with ``plot_loss``).
+    The loss figure is drawn above training, from ``loss.csv``: ``kvp.plots.save_loss_figure``.
     Resumes from ``out_dir/checkpoint.pt`` when present (its config must match). Teacher targets
     are cached in ``out_dir/../teacher`` unless ``examples`` (and, with ``n_val`` > 0,
     ``val_examples``) are given. With validation, the saved wrapper is the one of the validation
@@ -460,38 +466,7 @@ def train(model, tokenizer, config: TrainConfig, out_dir: str | Path, progress: 
     wrapper.model_name = config.model
     wrapper.save(out_dir / "wrapper.safetensors")
     write_loss_csv(out_dir / "loss.csv", losses)
-    if plot:
-        plot_loss(out_dir, title=f"{config.model} · {config.dataset} · seed {config.seed}")
     return TrainResult(wrapper, losses, record)
-
-
-def plot_loss(out_dir: Path, title: str) -> None:
-    """Loss curve of ``out_dir``/loss.csv (per optimiser step, and the validation passes when
-    there are any, with the selected one marked) as loss.png and loss.pdf."""
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    from kvp.plots import save_fig, set_theme
-
-    losses = pd.read_csv(Path(out_dir) / "loss.csv")
-    set_theme()
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(losses["step"], losses["loss"], color="#9ecae1", lw=1, label="train, per step")
-    epochs = losses.groupby("epoch").agg(step=("step", "max"), loss=("loss", "mean"))
-    ax.plot(epochs["step"], epochs["loss"], color="#08519c", marker="o", ms=3,
-            label="train, epoch mean")
-    if "val_loss" in losses and losses["val_loss"].notna().any():
-        val = losses.dropna(subset=["val_loss"])
-        ax.plot(val["step"], val["val_loss"], color="#d95f02", marker="s", ms=3, label="validation")
-        ax.plot(val["step"], val["val_first"], color="#d95f02", ls=":", lw=1,
-                label="validation, first answer token")
-        chosen = val.loc[val["val_loss"].idxmin()]
-        ax.scatter([chosen["step"]], [chosen["val_loss"]], s=60, facecolors="none",
-                   edgecolors="black", zorder=5, label=f"selected (step {int(chosen['step'])})")
-    ax.set(xlabel="optimiser step", ylabel="loss per sample", title=title)
-    ax.legend(frameon=False, fontsize=7)
-    save_fig(fig, "loss", fig_dir=out_dir)
-    plt.close(fig)
 
 
 LOSS_COLUMNS = ["step", "epoch", "loss", "lr", "val_loss", "val_first"]
@@ -531,12 +506,9 @@ FIELD_HELP = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m kvp.train --out DIR [--model M] [--dataset D] [--epochs N] …``"""
-    import argparse
-
-    from kvp.models import load_model
-
+def main(argv: list[str] | None = None, draw_loss=None) -> int:
+    """``python -m kvp.train --out DIR [--model M] [--dataset D] [--epochs N] …``; then
+    ``draw_loss(out_dir, title)`` unless ``--no-plot`` (the script passes the loss figure)."""
     parser = argparse.ArgumentParser(
         prog="python -m kvp.train", description="Train a KV Packet wrapper by distillation "
         "(the fields of kvp.train.TrainConfig; defaults are a short CPU demonstration).")
@@ -566,10 +538,15 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, spec = load_model(config.model, device=device,
                                         dtype="float32")  # fp32 master weights; bf16 autocast on CUDA
     spec.require_trained()
-    result = train(model, tokenizer, config, out, plot=not no_plot)
+    result = train(model, tokenizer, config, out)
+    if draw_loss is not None and not no_plot:
+        draw_loss(out, config.title)
     print(json.dumps(result.record, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # The command line draws the loss figure too: plotting sits above training (kvp.plots).
+    from kvp.plots import save_loss_figure
+
+    raise SystemExit(main(draw_loss=save_loss_figure))

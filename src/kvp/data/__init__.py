@@ -96,6 +96,7 @@ def load_dataset(name: str, split: str = "test", n: int | None = 100, seed: int 
             ``context_tokens=2048`` (niah), ``path=...`` (hotpotqa, musique, jsonl),
             ``components={...}`` (mixture).
     """
+    # Each loader's module imports this package (Sample, seeded_rng): it is imported on first use.
     if name == "biography":
         from kvp.data.biography import generate_biography as loader
     elif name == "niah":

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from kvp.data.frozen import FROZEN, regenerate
+from kvp.data.jsonl import JsonlError, read_jsonl
 
 
 def check(out_dir: Path) -> int:
@@ -30,8 +31,6 @@ def check(out_dir: Path) -> int:
 
 def validate(path: Path) -> int:
     """0 and a one-line summary if ``path`` is a valid JSONL dataset, else 1 and its problems."""
-    from kvp.data.jsonl import JsonlError, read_jsonl
-
     if not path.is_file():
         print(f"error: {path} does not exist; pass the path of a .jsonl file", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 from kvp.data import DATASETS, Sample
+from kvp.generate import GenerationConfig
 
 SEPARATOR = "\n"
 PLACEHOLDER = "\x00KVP-USER-CONTENT\x00"
@@ -158,8 +159,6 @@ def generation_config(tokenizer, dataset: str, max_new_tokens: int | None = None
 
     See docs/protocol.md#datasets.
     """
-    from kvp.generate import GenerationConfig
-
     budget = max_new_tokens or MAX_NEW_TOKENS.get(dataset, 64)
     return GenerationConfig(max_new_tokens=budget, stop_strings=tuple(stop_strings(tokenizer)))
 
