@@ -43,7 +43,8 @@ import torch
 
 from kvp import kernels
 from kvp.cache import chunk_offsets
-from kvp.fast import KVBuffer, PromptGraph, assemble_into, fast_query
+from kvp.query_step import (FusedProjections, KVBuffer, PromptGraph, Staging, assemble_into,
+                             fast_query, pipelined_query)
 from kvp.generate import timer
 from kvp.methods import get_method, make_context
 from kvp.methods.base import QueryContext
