@@ -1,4 +1,4 @@
-"""The optimised KV Packet path (kvp.fast) against the plain path, and the TTFT benchmark's output.
+"""The optimised KV Packet path (kvp.query_step) against the plain path, and the TTFT benchmark's output.
 
 No timing is asserted: only equivalence, the CSV schema and the analysis helpers.
 """
@@ -17,8 +17,8 @@ from kvp.bench import (BenchConfig, IdTokenizer, bench_model, environment, loglo
                        plot_latency, synthetic_context, write_csv)
 from kvp import kernels
 from kvp.cache import ChunkKV
-from kvp.fast import (RMS_NORMS, KVBuffer, PromptGraph, add_rms_norm, assemble_into, fast_query,
-                      fused_projections, mlp, rms_norm, rope, rope_store, silu_mul)
+from kvp.query_step import (RMS_NORMS, FusedProjections, KVBuffer, PromptGraph, add_rms_norm,
+                            assemble_into, fast_query, mlp, rms_norm, rope, rope_store, silu_mul)
 from kvp.methods import get_method
 from kvp.models import load_model
 from kvp.packet import PacketWrapper, assemble
@@ -195,18 +195,25 @@ def test_fused_query_gives_the_plain_first_logits(arch):
     plain = method.prefill(ctx, packets)
     ids = ctx.task_ids[None]
     before = model(ids).logits
+    params = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
     buf = KVBuffer.allocate(model, plain.next_pos)
-    logits, next_pos = fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused=True)
+    with FusedProjections(model) as projections:
+        logits, next_pos = fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids,
+                                      fused=True, projections=projections)
+        attn = model.model.layers[0].self_attn
+        assert (projections[0].qkv_bias is not None) == (arch == "qwen2")
+        assert attn.q_proj.weight.data_ptr() == projections[0].qkv.data_ptr()  # views: no copy
+        assert torch.equal(model(ids).logits, before)  # fusing leaves the model's maths
     assert next_pos == plain.next_pos
     torch.testing.assert_close(logits, plain.first_logits, rtol=1e-4, atol=1e-4)
     for layer, cached in enumerate(plain.cache.layers):
         torch.testing.assert_close(buf.keys[layer], cached.keys[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(buf.values[layer], cached.values[0], rtol=1e-4, atol=1e-4)
-    fused = fused_projections(model)
-    attn = model.model.layers[0].self_attn
-    assert fused[0].bound_to(model.model.layers[0]) and (fused[0].qkv_bias is not None) == (arch == "qwen2")
-    assert attn.q_proj.weight.data_ptr() == fused[0].qkv.data_ptr()  # views: no added memory
-    assert fused_projections(model) is fused  # built once
+    # leaving the block restores the model: the same parameters, values, and storage of their own
+    q, k = model.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.k_proj.weight
+    assert q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+    for name, p in model.named_parameters():
+        assert p is params[name][0] and torch.equal(p, params[name][1])
     assert torch.equal(model(ids).logits, before)
 
 
@@ -281,9 +288,12 @@ def test_fused_kernels_and_cuda_graph_match_the_plain_path():
     # the compiled Triton kernel rounds like torch and does not fuse multiply-adds: bit for bit
     assert torch.equal(buf.keys[:, :, :n_cached], eager.keys[:, :, :n_cached])
     assert torch.equal(buf.values[:, :, :n_cached], eager.values[:, :, :n_cached])
-    logits, _ = fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused=True)
-    replayed = [PromptGraph(model, buf, n_cached, len(ctx.task_ids), start, fused)(ctx.task_ids.cuda())
-                for fused in (False, True)]
+    with FusedProjections(model) as projections:
+        logits, _ = fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused=True,
+                               projections=projections)
+        replayed = [PromptGraph(model, buf, n_cached, len(ctx.task_ids), start, fused,
+                                projections if fused else None)(ctx.task_ids.cuda())
+                    for fused in (False, True)]
     for out in [logits] + replayed:
         torch.testing.assert_close(out.float(), plain.first_logits.float(), rtol=0.05, atol=0.5)
         assert out.argmax() == plain.first_logits.argmax()

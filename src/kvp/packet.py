@@ -290,6 +290,7 @@ class PacketStore:
     max_bytes: dict[str, int] = field(default_factory=dict)
     packet_dtype: str = "model"
     n_encoded: int = 0
+    _memory: OrderedDict = field(default_factory=OrderedDict, repr=False)  # the first tier's
     _held: dict[str, OrderedDict] = field(default_factory=dict, repr=False)
     _maps: dict[tuple, tuple] = field(default_factory=dict, repr=False)
 
@@ -308,7 +309,7 @@ class PacketStore:
         if unknown:
             raise ValueError(f"max_bytes names tiers {sorted(unknown)} that are not in {tiers}")
         self.tiers = tiers
-        self._held = {t: OrderedDict() for t in tiers}
+        self._held = {t: self._memory if i == 0 else OrderedDict() for i, t in enumerate(tiers)}
 
     def key(self, document: str, wrapper: PacketWrapper | None) -> tuple[str, str, str, str]:
         wid = wrapper.fingerprint() if wrapper is not None else "plain"
