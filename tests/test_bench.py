@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from kvp.bench import (BenchConfig, IdTokenizer, bench_model, environment, loglog_slopes,
-                       plot_latency, synthetic_context, write_csv)
+from kvp.bench import (BenchConfig, IdTokenizer, bench_model, crossover_tokens, environment,
+                       loglog_slopes, read_csvs, summary, synthetic_context, tier_summary,
+                       write_csv)
 from kvp import kernels
 from kvp.cache import ChunkKV
 from kvp.query_step import (RMS_NORMS, FusedProjections, KVBuffer, PromptGraph, add_rms_norm,
@@ -268,12 +269,71 @@ def test_loglog_slopes_recover_a_power_law():
     np.testing.assert_allclose(out.loc["kv_packet", "slope"], 0.1)
 
 
-def test_plot_latency_draws_one_line_per_label_and_the_floor():
+def test_tier_benchmark_measures_the_links_and_adds_the_transfer_to_the_floor(small_llama,
+                                                                               tmp_path):
+    env = environment(torch.device("cpu"), torch.float32, links_dir=tmp_path)
+    assert env.disk_gbs > 0 and np.isnan(env.h2d_gbs)  # no host → device link on a CPU
+    cfg = dataclasses.replace(TINY, n_docs=(2,), variants=("fast",), tiers=("gpu", "host", "disk"),
+                              packet_dtypes=("model", "fp8"), packet_dir=str(tmp_path))
+    rows = bench_model(small_llama, "arch:llama-3.1-8b", cfg, env, log=lambda s: None)
+    path = tmp_path / "ttft.csv"
+    write_csv(rows, path)
+    df = read_csvs([path])
+    assert (df["status"] == "ok").all(), df[["label", "status"]]
+    packet = df[df["method"] == "kv_packet"]
+    assert set(zip(packet["tier"], packet["packet_dtype"])) >= {
+        (t, d) for t in ("gpu", "host", "disk") for d in ("fp32", "fp8")}
+    assert set(packet[packet["tier"] != "gpu"]["variant"]) == {"pipelined"}
+    # every tier and dtype gives the plain path's first token; fp8 within its rounding
+    assert packet["top1_agrees"].dropna().all()
+    exact = packet[(packet["packet_dtype"] == "fp32") & packet["max_logit_diff"].notna()]
+    assert (exact["max_logit_diff"] < 1e-3).all()
+    moved = packet[packet["tier"] != "gpu"].set_index(["tier", "packet_dtype"])
+    assert (moved["transfer_bytes"] > 0).all() and (moved["floor_transfer_ms"] > 0).all()
+    assert moved.loc[("host", "fp8"), "transfer_bytes"] < 0.3 * moved.loc[("host", "fp32"), "transfer_bytes"]
+    assert set(moved["link"]) <= {"memory", "disk"}
+    np.testing.assert_allclose(moved["floor_ms"], moved[["floor_mem_ms", "floor_flops_ms"]].max(axis=1)
+                               + moved["floor_transfer_ms"])
+    assert not list(tmp_path.glob("packets-*"))  # the disk tier's files are removed
+    tiers = tier_summary(df, 160, 2)
+    assert set(tiers["tier"]) == {"gpu", "host", "disk"} and (tiers["packet_ms"] > 0).all()
+    assert "beats_recompute_floors" in summary(df, 160, 2)
+
+
+def test_old_csvs_read_as_the_gpu_tier_in_the_model_dtype(tmp_path):
+    old = synthetic_results({"full_recompute": 1.7}).assign(dtype="bfloat16")
+    old.to_csv(tmp_path / "old.csv", index=False)
+    df = read_csvs([tmp_path / "old.csv"])
+    assert (df["tier"] == "gpu").all() and (df["packet_dtype"] == "bf16").all()
+
+
+def test_crossover_is_where_reuse_starts_to_beat_recompute():
+    lengths = pd.Index([1000, 2000, 4000, 8000])
+    full = pd.Series([10.0, 20.0, 40.0, 80.0], lengths)
+    # 2× slower at 1000, 2× faster at 2000: log-ratio crosses zero half way (log scale) → √2·1000
+    packet = pd.Series([20.0, 10.0, 12.0, 14.0], lengths)
+    np.testing.assert_allclose(crossover_tokens(packet, full), 1000 * 2 ** 0.5)
+    assert crossover_tokens(full / 2, full) == 0.0
+    assert crossover_tokens(full * 2, full) == float("inf")
+
+
+def test_latency_figures_draw_every_line():
     import matplotlib
 
     matplotlib.use("Agg")
-    ax = plot_latency(synthetic_results({"full_recompute": 1.7, "kv_packet": 0.1}))
-    assert len(ax.get_lines()) == 3
+    from kvp import plots
+
+    rows = synthetic_results({"full_recompute": 1.0, "kv_packet": 0.2}).assign(
+        dtype="bfloat16", setting="", flops=lambda d: d["ttft_ms"] * 1e9)
+    for tier, factor in (("host", 3.0), ("disk", 30.0)):
+        rows = pd.concat([rows, synthetic_results({"kv_packet": 0.5}).assign(
+            dtype="bfloat16", setting="", tier=tier, packet_dtype="bf16",
+            ttft_ms=lambda d: d["ttft_ms"] * factor, variant="pipelined+fused")])
+    grid = plots.plot_latency_grid(rows)
+    assert len(grid.axes[0].get_lines()) == 2  # the grid: GPU-resident packets only
+    fig = plots.plot_tier_latency(rows)
+    # full recompute, then each tier's line and its floor
+    assert len([line for line in fig.axes[0].get_lines() if line.get_label()[0] != "_"]) == 4
 
 
 @pytest.mark.gpu

@@ -342,6 +342,15 @@ class PacketStore:
             self._save(key, packet)
         return self._put(0, key, packet)
 
+    def put(self, document: str, wrapper: PacketWrapper | None, packet: Packet) -> Packet:
+        """Store a full-precision ``packet`` built elsewhere as ``document``'s (compacted to the
+        store's ``packet_dtype``, saved when there is a disk tier, placed in the first tier)."""
+        key = self.key(document, wrapper)
+        packet = packet.compacted(self.packet_dtype)
+        if "disk" in self.tiers:
+            self._save(key, packet)
+        return self._put(0, key, packet)
+
     def _put(self, index: int, key, packet: Packet, mapped: bool = False) -> Packet:
         """Place ``packet`` in tier ``tiers[index]`` (copied there; ``mapped``: it already is the
         disk tier's memory map of its file), evicting down as needed."""

@@ -500,10 +500,15 @@ def plot_latency_grid(bench: pd.DataFrame) -> plt.Figure:
 
     ``bench``: rows of ``kvp.bench`` CSVs (status ``ok``), one figure row per (device, model);
     one line per method setting (optimised variants: ``line_style``), log-log axes with
-    the measured values as ticks; one legend for the figure.
+    the measured values as ticks; one legend for the figure. Only packets on the GPU in the
+    model's dtype are drawn here (the tiers: ``plot_tier_latency``).
     """
     from matplotlib.ticker import NullLocator
 
+    from kvp.bench import dtype_name, with_tiers
+
+    bench = with_tiers(bench)
+    bench = bench[(bench["tier"] == "gpu") & (bench["packet_dtype"] == bench["dtype"].map(dtype_name))]
     ok = bench[bench["status"] == "ok"].assign(setting=lambda d: d["setting"].fillna(""))
     ok = ok.assign(line=[setting_label(m, s.split(",check_layer")[0]) + ("" if v == "plain" else f" [{v}]")
                          for m, s, v in zip(ok["method"], ok["setting"], ok["variant"])])
@@ -546,6 +551,57 @@ def plot_latency_grid(bench: pd.DataFrame) -> plt.Figure:
                    title=f"{model}\n{n_docs} documents")
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=5,
                frameon=False, fontsize=8)
+    return fig
+
+
+TIER_COLORS = {"gpu": "#1b9e77", "host": "#7570b3", "disk": "#d95f02"}
+
+
+def plot_tier_latency(bench: pd.DataFrame) -> plt.Figure:
+    """TTFT vs context length with the packets on the GPU, in pinned host memory and on disk
+    (solid: the model's dtype, dashed: compact packets) beside full recompute, one panel per
+    (device, model), at the sweep's number of documents; each tier's floor dotted and the
+    context length where it starts to beat full recompute marked (``kvp.bench.tier_summary``).
+    """
+    from matplotlib.ticker import NullLocator
+
+    from kvp.bench import crossover_tokens, tier_lines, with_tiers
+
+    bench = with_tiers(bench)
+    lines = tier_lines(bench)
+    ok = bench[bench["status"] == "ok"]
+    sources = list(dict.fromkeys(zip(lines["device"], lines["model"])))
+    if not sources:
+        raise ValueError("no KV Packet rows measured: nothing to plot (run kvp.bench with --tiers)")
+    fig, axes = plt.subplots(1, len(sources), figsize=(7.5 * len(sources), 5), squeeze=False,
+                             layout="constrained")
+    for ax, (device, model) in zip(axes[0], sources):
+        mine = lines[(lines["device"] == device) & (lines["model"] == model)]
+        n_docs = int(mine["n_docs"].mode().iloc[0])
+        mine = mine[mine["n_docs"] == n_docs]
+        full = ok[(ok["device"] == device) & (ok["model"] == model) & (ok["n_docs"] == n_docs)
+                  & (ok["label"] == "full_recompute")].sort_values("context_tokens")
+        ax.plot(full["context_tokens"], full["ttft_ms"], color=method_style("full_recompute").color,
+                marker=method_style("full_recompute").marker, lw=2, label="full recompute")
+        full_ms = full.set_index("context_tokens")["ttft_ms"]
+        for line, g in mine.groupby("line", sort=False):
+            g = g.sort_values("context_tokens")
+            tier, compact = g["tier"].iloc[0], g["packet_dtype"].iloc[0] in ("fp8", "int8")
+            color = TIER_COLORS.get(tier, "0.3")
+            cross = crossover_tokens(g.set_index("context_tokens")["ttft_ms"], full_ms)
+            note = ("beats recompute at every length" if cross == 0 else "never beats recompute"
+                    if cross == float("inf") else f"beats recompute above {cross:,.0f} tokens")
+            ax.plot(g["context_tokens"], g["ttft_ms"], color=color, marker="o", ms=4,
+                    ls="--" if compact else "-", label=f"KV Packet, {line} ({note})")
+            ax.plot(g["context_tokens"], g["floor_ms"], color=color, ls=":", lw=1)
+            if 0 < cross < float("inf"):
+                ax.axvline(cross, color=color, lw=0.8, alpha=0.6)
+        ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="TTFT (ms, median)",
+               title=f"{model} · {device}\n{n_docs} documents; dotted: each tier's floor")
+        ax.set_xticks(sorted(mine["context_tokens"].unique()))
+        ax.xaxis.set_minor_locator(NullLocator())
+        _plain_log_labels(ax, "both")
+        ax.legend(fontsize=7, loc="upper left")
     return fig
 
 
