@@ -6,21 +6,28 @@ For each model, context length (preamble + documents + prompt tokens) and number
 synthetic query is built from random token ids (random-weight architectures have no vocabulary)
 and each method's timed query step (``Method.prefill``: assembly, any recompute, prompt prefill up
 to the first token's logits) is run ``warmup`` times, then repeatedly; the median is reported. KV
-Packet is also timed on the optimised path of ``kvp.fast`` (``variant`` "fast": preallocated
+Packet is also timed on the optimised path of ``kvp.query_step`` (``variant`` "fast": preallocated
 buffer, re-rotation on the way into it, lean SDPA prompt step, eager kernels; "fast+graph": the
 prompt step as a CUDA graph; "fast+graph+fused": also the one-launch Triton assembly, fused
 q/k/v and gate/up GEMMs, compiled element-wise kernels and the split-KV Triton attention), whose
 first-token logits are compared with the plain path's in the same run. ``assembly_ms`` times the
 assembly alone; ``rotation_ms`` is what re-rotation adds to it: the assembly minus the same copies
-without rotation.
+without rotation. With ``tiers`` / ``packet_dtypes`` beyond ("gpu", "model"), KV Packet is also
+timed with its packets in another tier (``tier``: "host" = pinned host memory, "disk" = memory-
+mapped files whose cached pages are dropped before every run; variant "pipelined+fused",
+``kvp.query_step.pipelined_query``) and stored as ``packet_dtype`` fp8 / int8.
 
 Floors: ``floor_mem_ms`` = (weights read once + the method's cached KV) / measured device
 bandwidth (a large device-to-device copy); ``floor_flops_ms`` = analytic FLOPs / measured bf16
-matmul throughput; ``floor_ms`` = the larger. Everything is measured in one process on one device.
+matmul throughput (for a recompute baseline: its own compute floor); ``floor_transfer_ms`` = the
+bytes the packets move over their slowest link / that link's bandwidth (``h2d_gbs``: pinned host →
+device; ``disk_gbs``: disk read into pinned memory); ``floor_ms`` = the larger of the first two
+plus the third. Everything is measured in one process on one device.
 
 CLI::
 
     python -m kvp.bench run --model arch:llama-3.1-8b --model arch:qwen3-4b --out data/benchmarks
+    python -m kvp.bench run --model arch:llama-3.1-8b --tiers gpu,host,disk --packet-dtypes bf16,fp8
     python -m kvp.bench summary data/benchmarks/ttft_*.csv
     python -m kvp.bench plot data/benchmarks/ttft_*.csv --out data/benchmarks/ttft.png
 """

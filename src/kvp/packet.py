@@ -190,7 +190,7 @@ class Packet:
     def dequantized(self, dtype: torch.dtype, device: torch.device | str) -> ChunkKV:
         """The KV (L, H_kv, S, D) in ``dtype`` on ``device`` (the stored tensors themselves when
         they already are)."""
-        keys, values = (t.to(device, non_blocking=False) for t in (self.kv.keys, self.kv.values))
+        keys, values = (t.to(device) for t in (self.kv.keys, self.kv.values))
         if self.scales is None:
             return ChunkKV(keys.to(dtype), values.to(dtype))
         return ChunkKV(dequantize(keys, self.scales[0], dtype),
