@@ -13,7 +13,6 @@ import importlib.util
 import pytest
 import torch
 
-from kvp.cache import ChunkKV
 from kvp.compact import dequantize, quantize
 from kvp.methods import get_method, make_context
 from kvp.models import load_model
