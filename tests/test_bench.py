@@ -1,4 +1,4 @@
-"""The optimised KV Packet path (kvp.fast) against the plain path, and the TTFT benchmark's output.
+"""The optimised KV Packet path (kvp.query_step) against the plain path, and the TTFT benchmark's output.
 
 No timing is asserted: only equivalence, the CSV schema and the analysis helpers.
 """
@@ -13,12 +13,13 @@ import pandas as pd
 import pytest
 import torch
 
-from kvp.bench import (BenchConfig, IdTokenizer, bench_model, environment, loglog_slopes,
-                       plot_latency, synthetic_context, write_csv)
+from kvp.bench import (BenchConfig, IdTokenizer, bench_model, crossover_tokens, environment,
+                       loglog_slopes, read_csvs, summary, synthetic_context, tier_summary,
+                       write_csv)
 from kvp import kernels
 from kvp.cache import ChunkKV
-from kvp.fast import (RMS_NORMS, KVBuffer, PromptGraph, add_rms_norm, assemble_into, fast_query,
-                      fused_projections, mlp, rms_norm, rope, rope_store, silu_mul)
+from kvp.query_step import (RMS_NORMS, FusedProjections, KVBuffer, PromptGraph, add_rms_norm,
+                            assemble_into, fast_query, mlp, rms_norm, rope, rope_store, silu_mul)
 from kvp.methods import get_method
 from kvp.models import load_model
 from kvp.packet import PacketWrapper, assemble
@@ -195,18 +196,25 @@ def test_fused_query_gives_the_plain_first_logits(arch):
     plain = method.prefill(ctx, packets)
     ids = ctx.task_ids[None]
     before = model(ids).logits
+    params = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
     buf = KVBuffer.allocate(model, plain.next_pos)
-    logits, next_pos = fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused=True)
+    with FusedProjections(model) as projections:
+        logits, next_pos = fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids,
+                                      fused=True, projections=projections)
+        attn = model.model.layers[0].self_attn
+        assert (projections[0].qkv_bias is not None) == (arch == "qwen2")
+        assert attn.q_proj.weight.data_ptr() == projections[0].qkv.data_ptr()  # views: no copy
+        assert torch.equal(model(ids).logits, before)  # fusing leaves the model's maths
     assert next_pos == plain.next_pos
     torch.testing.assert_close(logits, plain.first_logits, rtol=1e-4, atol=1e-4)
     for layer, cached in enumerate(plain.cache.layers):
         torch.testing.assert_close(buf.keys[layer], cached.keys[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(buf.values[layer], cached.values[0], rtol=1e-4, atol=1e-4)
-    fused = fused_projections(model)
-    attn = model.model.layers[0].self_attn
-    assert fused[0].bound_to(model.model.layers[0]) and (fused[0].qkv_bias is not None) == (arch == "qwen2")
-    assert attn.q_proj.weight.data_ptr() == fused[0].qkv.data_ptr()  # views: no added memory
-    assert fused_projections(model) is fused  # built once
+    # leaving the block restores the model: the same parameters, values, and storage of their own
+    q, k = model.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.k_proj.weight
+    assert q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+    for name, p in model.named_parameters():
+        assert p is params[name][0] and torch.equal(p, params[name][1])
     assert torch.equal(model(ids).logits, before)
 
 
@@ -261,12 +269,71 @@ def test_loglog_slopes_recover_a_power_law():
     np.testing.assert_allclose(out.loc["kv_packet", "slope"], 0.1)
 
 
-def test_plot_latency_draws_one_line_per_label_and_the_floor():
+def test_tier_benchmark_measures_the_links_and_adds_the_transfer_to_the_floor(small_llama,
+                                                                               tmp_path):
+    env = environment(torch.device("cpu"), torch.float32, links_dir=tmp_path)
+    assert env.disk_gbs > 0 and np.isnan(env.h2d_gbs)  # no host → device link on a CPU
+    cfg = dataclasses.replace(TINY, n_docs=(2,), variants=("fast",), tiers=("gpu", "host", "disk"),
+                              packet_dtypes=("model", "fp8"), packet_dir=str(tmp_path))
+    rows = bench_model(small_llama, "arch:llama-3.1-8b", cfg, env, log=lambda s: None)
+    path = tmp_path / "ttft.csv"
+    write_csv(rows, path)
+    df = read_csvs([path])
+    assert (df["status"] == "ok").all(), df[["label", "status"]]
+    packet = df[df["method"] == "kv_packet"]
+    assert set(zip(packet["tier"], packet["packet_dtype"])) >= {
+        (t, d) for t in ("gpu", "host", "disk") for d in ("fp32", "fp8")}
+    assert set(packet[packet["tier"] != "gpu"]["variant"]) == {"pipelined"}
+    # every tier and dtype gives the plain path's first token; fp8 within its rounding
+    assert packet["top1_agrees"].dropna().all()
+    exact = packet[(packet["packet_dtype"] == "fp32") & packet["max_logit_diff"].notna()]
+    assert (exact["max_logit_diff"] < 1e-3).all()
+    moved = packet[packet["tier"] != "gpu"].set_index(["tier", "packet_dtype"])
+    assert (moved["transfer_bytes"] > 0).all() and (moved["floor_transfer_ms"] > 0).all()
+    assert moved.loc[("host", "fp8"), "transfer_bytes"] < 0.3 * moved.loc[("host", "fp32"), "transfer_bytes"]
+    assert set(moved["link"]) <= {"memory", "disk"}
+    np.testing.assert_allclose(moved["floor_ms"], moved[["floor_mem_ms", "floor_flops_ms"]].max(axis=1)
+                               + moved["floor_transfer_ms"])
+    assert not list(tmp_path.glob("packets-*"))  # the disk tier's files are removed
+    tiers = tier_summary(df, 160, 2)
+    assert set(tiers["tier"]) == {"gpu", "host", "disk"} and (tiers["packet_ms"] > 0).all()
+    assert "beats_recompute_floors" in summary(df, 160, 2)
+
+
+def test_old_csvs_read_as_the_gpu_tier_in_the_model_dtype(tmp_path):
+    old = synthetic_results({"full_recompute": 1.7}).assign(dtype="bfloat16")
+    old.to_csv(tmp_path / "old.csv", index=False)
+    df = read_csvs([tmp_path / "old.csv"])
+    assert (df["tier"] == "gpu").all() and (df["packet_dtype"] == "bf16").all()
+
+
+def test_crossover_is_where_reuse_starts_to_beat_recompute():
+    lengths = pd.Index([1000, 2000, 4000, 8000])
+    full = pd.Series([10.0, 20.0, 40.0, 80.0], lengths)
+    # 2× slower at 1000, 2× faster at 2000: log-ratio crosses zero half way (log scale) → √2·1000
+    packet = pd.Series([20.0, 10.0, 12.0, 14.0], lengths)
+    np.testing.assert_allclose(crossover_tokens(packet, full), 1000 * 2 ** 0.5)
+    assert crossover_tokens(full / 2, full) == 0.0
+    assert crossover_tokens(full * 2, full) == float("inf")
+
+
+def test_latency_figures_draw_every_line():
     import matplotlib
 
     matplotlib.use("Agg")
-    ax = plot_latency(synthetic_results({"full_recompute": 1.7, "kv_packet": 0.1}))
-    assert len(ax.get_lines()) == 3
+    from kvp import plots
+
+    rows = synthetic_results({"full_recompute": 1.0, "kv_packet": 0.2}).assign(
+        dtype="bfloat16", setting="", flops=lambda d: d["ttft_ms"] * 1e9)
+    for tier, factor in (("host", 3.0), ("disk", 30.0)):
+        rows = pd.concat([rows, synthetic_results({"kv_packet": 0.5}).assign(
+            dtype="bfloat16", setting="", tier=tier, packet_dtype="bf16",
+            ttft_ms=lambda d: d["ttft_ms"] * factor, variant="pipelined+fused")])
+    grid = plots.plot_latency_grid(rows)
+    assert len(grid.axes[0].get_lines()) == 2  # the grid: GPU-resident packets only
+    fig = plots.plot_tier_latency(rows)
+    # full recompute, then each tier's line and its floor
+    assert len([line for line in fig.axes[0].get_lines() if line.get_label()[0] != "_"]) == 4
 
 
 @pytest.mark.gpu
@@ -281,9 +348,12 @@ def test_fused_kernels_and_cuda_graph_match_the_plain_path():
     # the compiled Triton kernel rounds like torch and does not fuse multiply-adds: bit for bit
     assert torch.equal(buf.keys[:, :, :n_cached], eager.keys[:, :, :n_cached])
     assert torch.equal(buf.values[:, :, :n_cached], eager.values[:, :, :n_cached])
-    logits, _ = fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused=True)
-    replayed = [PromptGraph(model, buf, n_cached, len(ctx.task_ids), start, fused)(ctx.task_ids.cuda())
-                for fused in (False, True)]
+    with FusedProjections(model) as projections:
+        logits, _ = fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused=True,
+                               projections=projections)
+        replayed = [PromptGraph(model, buf, n_cached, len(ctx.task_ids), start, fused,
+                                projections if fused else None)(ctx.task_ids.cuda())
+                    for fused in (False, True)]
     for out in [logits] + replayed:
         torch.testing.assert_close(out.float(), plain.first_logits.float(), rtol=0.05, atol=0.5)
         assert out.argmax() == plain.first_logits.argmax()

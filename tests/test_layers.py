@@ -17,13 +17,14 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kvp"
 
 # Lowest first. A package (methods/, data/) is one unit.
 LAYERS = [
-    ("kvp", "models", "rope", "flops", "metrics", "results", "generate"),
+    ("kvp", "models", "rope", "flops", "metrics", "results", "generate", "compact"),
     ("cache", "packet", "blockmask", "recompute"),
     ("methods", "data"),
-    ("evaluate", "attention", "compress", "train", "fast", "kernels", "adapters", "params"),
+    ("evaluate", "attention", "compress", "train", "query_step", "kernels", "bench", "adapters",
+     "params"),
     ("plots",),
-    ("viewer", "widgets", "bench"),
-    ("report", "pipeline"),
+    ("viewer", "widgets"),
+    ("report", "pipeline", "compact_eval"),
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

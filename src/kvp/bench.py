@@ -6,21 +6,28 @@ For each model, context length (preamble + documents + prompt tokens) and number
 synthetic query is built from random token ids (random-weight architectures have no vocabulary)
 and each method's timed query step (``Method.prefill``: assembly, any recompute, prompt prefill up
 to the first token's logits) is run ``warmup`` times, then repeatedly; the median is reported. KV
-Packet is also timed on the optimised path of ``kvp.fast`` (``variant`` "fast": preallocated
+Packet is also timed on the optimised path of ``kvp.query_step`` (``variant`` "fast": preallocated
 buffer, re-rotation on the way into it, lean SDPA prompt step, eager kernels; "fast+graph": the
 prompt step as a CUDA graph; "fast+graph+fused": also the one-launch Triton assembly, fused
 q/k/v and gate/up GEMMs, compiled element-wise kernels and the split-KV Triton attention), whose
 first-token logits are compared with the plain path's in the same run. ``assembly_ms`` times the
 assembly alone; ``rotation_ms`` is what re-rotation adds to it: the assembly minus the same copies
-without rotation.
+without rotation. With ``tiers`` / ``packet_dtypes`` beyond ("gpu", "model"), KV Packet is also
+timed with its packets in another tier (``tier``: "host" = pinned host memory, "disk" = memory-
+mapped files whose cached pages are dropped before every run; variant "pipelined+fused",
+``kvp.query_step.pipelined_query``) and stored as ``packet_dtype`` fp8 / int8.
 
 Floors: ``floor_mem_ms`` = (weights read once + the method's cached KV) / measured device
 bandwidth (a large device-to-device copy); ``floor_flops_ms`` = analytic FLOPs / measured bf16
-matmul throughput; ``floor_ms`` = the larger. Everything is measured in one process on one device.
+matmul throughput (for a recompute baseline: its own compute floor); ``floor_transfer_ms`` = the
+bytes the packets move over their slowest link / that link's bandwidth (``h2d_gbs``: pinned host →
+device; ``disk_gbs``: disk read into pinned memory); ``floor_ms`` = the larger of the first two
+plus the third. Everything is measured in one process on one device.
 
 CLI::
 
     python -m kvp.bench run --model arch:llama-3.1-8b --model arch:qwen3-4b --out data/benchmarks
+    python -m kvp.bench run --model arch:llama-3.1-8b --tiers gpu,host,disk --packet-dtypes bf16,fp8
     python -m kvp.bench summary data/benchmarks/ttft_*.csv
     python -m kvp.bench plot data/benchmarks/ttft_*.csv --out data/benchmarks/ttft.png
 """
@@ -28,9 +35,14 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
+import mmap
+import os
 import platform
+import shutil
+import tempfile
 import statistics
 import time
 from collections.abc import Callable
@@ -43,11 +55,13 @@ import torch
 
 from kvp import kernels
 from kvp.cache import chunk_offsets
-from kvp.fast import KVBuffer, PromptGraph, assemble_into, fast_query
+from kvp.query_step import (FusedProjections, KVBuffer, PromptGraph, Staging, assemble_into,
+                             fast_query, pipelined_query)
 from kvp.generate import timer
 from kvp.methods import get_method, make_context
 from kvp.methods.base import QueryContext
-from kvp.packet import PacketStore, PacketWrapper, assemble
+from kvp.compact import PACKET_DTYPES
+from kvp.packet import TIERS, PacketStore, PacketWrapper, assemble
 
 DEFAULT_METHODS: tuple[tuple[str, dict], ...] = (
     ("full_recompute", {}), ("no_recompute", {}), ("kv_packet", {}),
@@ -55,13 +69,15 @@ DEFAULT_METHODS: tuple[tuple[str, dict], ...] = (
     ("a3", {"ratio": 0.15}), ("sam_kv", {}),
 )
 FAST_VARIANTS = ("fast", "fast+graph", "fast+graph+fused")
-COLUMNS = ["device", "model", "method", "setting", "variant", "label", "context_tokens", "n_docs",
-           "cached_tokens", "prompt_tokens", "ttft_ms", "ttft_p10_ms", "ttft_p90_ms", "n_runs",
-           "floor_ms", "floor_mem_ms", "floor_flops_ms", "ttft_over_floor", "flops", "bytes_min",
+TIER_VARIANTS = ("pipelined", "pipelined+fused")  # packets in host memory or on disk
+COLUMNS = ["device", "model", "method", "setting", "variant", "tier", "packet_dtype", "label",
+           "context_tokens", "n_docs", "cached_tokens", "prompt_tokens", "ttft_ms", "ttft_p10_ms",
+           "ttft_p90_ms", "n_runs", "floor_ms", "floor_mem_ms", "floor_flops_ms",
+           "floor_transfer_ms", "ttft_over_floor", "flops", "bytes_min", "transfer_bytes", "link",
            "peak_mem_bytes", "assembly_ms", "assembly_share", "rotation_ms", "rotation_share",
            "max_logit_diff", "top1_agrees",
-           "status", "bandwidth_gbs", "matmul_tflops", "dtype", "torch", "transformers", "cuda",
-           "date"]
+           "status", "bandwidth_gbs", "matmul_tflops", "h2d_gbs", "disk_gbs", "dtype", "torch",
+           "transformers", "cuda", "date"]
 
 
 TORCH_VERSION, CUDA_VERSION = torch.__version__, str(torch.version.cuda)
@@ -89,6 +105,9 @@ class BenchConfig:
     wrapper_tokens: tuple[int, int] = (8, 8)
     methods: tuple[tuple[str, dict], ...] = DEFAULT_METHODS
     variants: tuple[str, ...] = FAST_VARIANTS
+    tiers: tuple[str, ...] = ("gpu",)
+    packet_dtypes: tuple[str, ...] = ("model",)
+    packet_dir: str | None = None  # the disk tier's directory (default: a temporary one)
     warmup: int = 2
     repeats: int = 20
     min_repeats: int = 3
@@ -100,6 +119,11 @@ class BenchConfig:
         bad = [v for v in self.variants if v not in FAST_VARIANTS]
         if bad:
             raise ValueError(f"unknown variants {bad}; choose from {FAST_VARIANTS}")
+        bad = [t for t in self.tiers if t not in TIERS] + [d for d in self.packet_dtypes
+                                                            if d not in PACKET_DTYPES]
+        if bad:
+            raise ValueError(f"unknown tiers / packet dtypes {bad}; choose tiers from {TIERS} and "
+                             f"packet dtypes from {PACKET_DTYPES}")
         if self.min_repeats < 1 or self.repeats < self.min_repeats or self.warmup < 0:
             raise ValueError(f"need repeats >= min_repeats >= 1 and warmup >= 0, got "
                              f"repeats={self.repeats}, min_repeats={self.min_repeats}, "
@@ -124,6 +148,8 @@ class Environment:
     dtype: str
     bandwidth_gbs: float
     matmul_tflops: float
+    h2d_gbs: float = float("nan")
+    disk_gbs: float = float("nan")
     torch: str = TORCH_VERSION
     transformers: str = ""
     cuda: str = CUDA_VERSION
@@ -131,14 +157,20 @@ class Environment:
 
 
 def time_runs(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-              min_repeats: int, max_seconds: float) -> list[float]:
-    """Device-synchronised wall-clock seconds of ``fn()`` after ``warmup`` untimed calls."""
+              min_repeats: int, max_seconds: float, setup: Callable[[], object] | None = None
+              ) -> list[float]:
+    """Device-synchronised wall-clock seconds of ``fn()`` after ``warmup`` untimed calls;
+    ``setup()`` runs untimed before each call (e.g. dropping the disk tier's cached pages)."""
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
     times: list[float] = []
     budget_start = time.perf_counter()
     while len(times) < repeats and (len(times) < min_repeats
                                     or time.perf_counter() - budget_start < max_seconds):
+        if setup is not None:
+            setup()
         with timer(device) as t:
             fn()
         times.append(t.seconds)
@@ -159,6 +191,48 @@ def measure_device(device: torch.device, dtype: torch.dtype) -> tuple[float, flo
     b = torch.randn(n, n, dtype=dtype, device=device)
     mm = time_runs(lambda: a @ b, device, 3, 20, 5, 2.0)
     return 2 * n_bytes / statistics.median(copy) / 1e9, 2 * n**3 / statistics.median(mm) / 1e12
+
+
+@torch.no_grad()
+def measure_links(device: torch.device, directory: Path) -> tuple[float, float]:
+    """(host → device GB/s of a page-locked copy, disk GB/s of reading a file into page-locked
+    memory with its cached pages dropped first) — the two links packets cross from the host and
+    disk tiers, measured as the query step uses them (a CPU device has no host → device link:
+    NaN)."""
+    cuda = device.type == "cuda"
+    n_bytes = (1 << 30) if cuda else (32 << 20)
+    host = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=cuda)
+    h2d = float("nan")
+    if cuda:
+        dev = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+        runs = time_runs(lambda: dev.copy_(host, non_blocking=True), device, 2, 10, 3, 2.0)
+        h2d = n_bytes / statistics.median(runs) / 1e9
+        del dev
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f".disk-probe-{os.getpid()}.bin"
+    try:
+        with open(path, "wb") as f:
+            block = os.urandom(1 << 20)
+            for _ in range(n_bytes >> 20):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        fd = os.open(path, os.O_RDONLY)
+        mapped = torch.frombuffer(mm, dtype=torch.uint8)
+
+        def drop():
+            mm.madvise(mmap.MADV_DONTNEED)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+        runs = time_runs(lambda: host.copy_(mapped), torch.device("cpu"), 1, 3, 3, 10.0, drop)
+        del mapped
+        os.close(fd)
+        disk = n_bytes / statistics.median(runs) / 1e9
+    finally:
+        path.unlink(missing_ok=True)
+    return h2d, disk
 
 
 def weight_bytes(model) -> int:
@@ -195,6 +269,23 @@ def synthetic_context(model, model_name: str, context_tokens: int, n_docs: int, 
                         [text(n) for n in lengths], text(cfg.prompt_tokens), wrapper)
 
 
+def dtype_name(dtype: str) -> str:
+    """Short name of a torch dtype name: "bfloat16" → "bf16"."""
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
+
+
+def tier_link(env: Environment, tier: str) -> tuple[str, float]:
+    """(the slowest link packets of ``tier`` cross to the device, its measured GB/s): none for
+    the gpu tier; host → device for the host tier (host memory itself on a CPU device); for the
+    disk tier the slower of the disk read and host → device."""
+    if tier == "gpu":
+        return "", float("nan")
+    pcie = ("pcie", env.h2d_gbs) if env.h2d_gbs == env.h2d_gbs else ("memory", env.bandwidth_gbs)
+    if tier == "host":
+        return pcie
+    return ("disk", env.disk_gbs) if env.disk_gbs <= pcie[1] else pcie
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -217,28 +308,36 @@ def bench_context(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, e
     w_bytes, kv_token = weight_bytes(model), kv_bytes_per_token(model)
     base = dict(device=env.device, model=model_name, context_tokens=context_tokens, n_docs=n_docs,
                 prompt_tokens=len(ctx.task_ids), bandwidth_gbs=env.bandwidth_gbs,
-                matmul_tflops=env.matmul_tflops, dtype=env.dtype, torch=env.torch,
+                matmul_tflops=env.matmul_tflops, h2d_gbs=env.h2d_gbs, disk_gbs=env.disk_gbs,
+                dtype=env.dtype, torch=env.torch,
                 transformers=env.transformers, cuda=env.cuda, date=env.date)
     rows: list[dict] = []
     plain_packet: dict = {}
 
     def row(method: str, setting: str, variant: str, times: list[float] | None, flops: float,
-            cached: int, status: str = "ok", **extra) -> dict:
+            cached: int, status: str = "ok", tier: str = "gpu", packet_dtype: str = "model",
+            transfer_bytes: int = 0, **extra) -> dict:
         bytes_min = w_bytes + cached * kv_token
         floor_mem = bytes_min / (env.bandwidth_gbs * 1e9) * 1e3
         floor_flops = flops / (env.matmul_tflops * 1e12) * 1e3
+        link, link_gbs = tier_link(env, tier)
+        floor_transfer = transfer_bytes / (link_gbs * 1e9) * 1e3 if transfer_bytes else 0.0
         ms = [1e3 * t for t in times] if times else [float("nan")]
+        short = dtype_name(env.dtype) if packet_dtype == "model" else packet_dtype
         label = method + (f"({setting})" if setting else "") + (f"[{variant}]" if variant != "plain" else "")
-        r = dict(base, method=method, setting=setting, variant=variant, label=label,
-                 cached_tokens=cached, ttft_ms=float(np.median(ms)),
-                 ttft_p10_ms=float(np.percentile(ms, 10)), ttft_p90_ms=float(np.percentile(ms, 90)),
-                 n_runs=len(times or []), floor_ms=max(floor_mem, floor_flops), floor_mem_ms=floor_mem,
-                 floor_flops_ms=floor_flops, flops=flops, bytes_min=bytes_min,
+        label += (f"@{tier}" if tier != "gpu" else "") + (f":{short}" if packet_dtype != "model" else "")
+        r = dict(base, method=method, setting=setting, variant=variant, tier=tier,
+                 packet_dtype=short, label=label, cached_tokens=cached,
+                 ttft_ms=float(np.median(ms)), ttft_p10_ms=float(np.percentile(ms, 10)),
+                 ttft_p90_ms=float(np.percentile(ms, 90)), n_runs=len(times or []),
+                 floor_ms=max(floor_mem, floor_flops) + floor_transfer, floor_mem_ms=floor_mem,
+                 floor_flops_ms=floor_flops, floor_transfer_ms=floor_transfer, flops=flops,
+                 bytes_min=bytes_min, transfer_bytes=transfer_bytes, link=link,
                  peak_mem_bytes=_peak(device) if times else float("nan"), status=status, **extra)
         r["ttft_over_floor"] = r["ttft_ms"] / r["floor_ms"]
         r["assembly_share"] = r.get("assembly_ms", float("nan")) / r["ttft_ms"]
         r["rotation_share"] = r.get("rotation_ms", float("nan")) / r["ttft_ms"]
-        log(f"  {model_name} ctx={context_tokens} docs={n_docs} {label:32s} "
+        log(f"  {model_name} ctx={context_tokens} docs={n_docs} {label:40s} "
             f"{r['ttft_ms']:9.2f} ms  floor {r['floor_ms']:8.2f} ms  ×{r['ttft_over_floor']:.2f}"
             f"  ({status})")
         return r
@@ -279,22 +378,34 @@ def bench_context(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, e
 
 def bench_fast(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, plain: dict,
                deadline: float, row) -> list[dict]:
-    """KV Packet on ``kvp.fast``: eager ("fast"), with the prompt step as a CUDA graph, and with
-    compiled kernels on top ("fast+graph+fused"); the graph variants need CUDA."""
+    """KV Packet on ``kvp.query_step``, packets on the device: eager ("fast"), with the prompt step
+    as a CUDA graph, and with fused kernels on top ("fast+graph+fused"; the graph variants need
+    CUDA); then each other (tier, packet dtype) of ``cfg``: ``bench_tier``."""
     device = model.device
     rows: list[dict] = []
-    for variant in cfg.variants:
-        if "graph" in variant and device.type != "cuda":
-            continue
+    jobs = [(variant, "gpu", "model") for variant in cfg.variants
+            if "graph" not in variant or device.type == "cuda"]
+    best = "fast+graph+fused" if device.type == "cuda" else "fast"
+    for tier in cfg.tiers:
+        for packet_dtype in cfg.packet_dtypes:
+            if (tier, packet_dtype) != ("gpu", "model"):
+                variant = best if tier == "gpu" else TIER_VARIANTS[device.type == "cuda"]
+                jobs.append((variant, tier, packet_dtype))
+    for variant, tier, packet_dtype in jobs:
+        where = dict(tier=tier, packet_dtype=packet_dtype)
         if time.perf_counter() > deadline:
             rows.append(row("kv_packet", "", variant, None, plain["flops"], plain["cached"],
-                            "skipped: time limit"))
+                            "skipped: time limit", **where))
             continue
         try:
-            rows.append(_bench_variant(model, ctx, cfg, plain, variant, row))
+            if tier == "gpu" and packet_dtype == "model":
+                rows.append(_bench_variant(model, ctx, cfg, plain, variant, row))
+            else:
+                rows.append(bench_tier(model, ctx, cfg, plain, variant, tier, packet_dtype, row))
         except Exception as err:  # a failing variant (compiler, graph capture, OOM) is recorded
             rows.append(row("kv_packet", "", variant, None, plain["flops"], plain["cached"],
-                            f"error: {type(err).__name__}: {str(err).splitlines()[0][:80]}"))
+                            f"error: {type(err).__name__}: {str(err).splitlines()[0][:80]}",
+                            **where))
         _free(device)
     return rows
 
@@ -313,27 +424,42 @@ def copy_chunks(buf: KVBuffer, chunks: list, fused: bool = False) -> None:
         buf.values[:, :, slot:slot + chunk.length].copy_(chunk.values)
 
 
+def fused_projections(model, fused: bool):
+    """``FusedProjections(model)`` when ``fused`` and the model's projections allow it, else a
+    context that yields None."""
+    if fused and FusedProjections.supported(model):
+        return FusedProjections(model)
+    return contextlib.nullcontext()
+
+
+def _compare(step, plain: dict) -> dict:
+    logits = step().float()
+    return dict(max_logit_diff=float((logits - plain["logits"]).abs().max()),
+                top1_agrees=bool(logits.argmax() == plain["logits"].argmax()))
+
+
 def _bench_variant(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant: str, row) -> dict:
     device, packets, n_task = model.device, plain["packets"], len(ctx.task_ids)
     fused = variant.endswith("+fused")
     _free(device)
     _peak_reset(device)
     buf = KVBuffer.allocate(model, plain["cached"] + n_task)
-    if variant == "fast":
-        def step():
-            return fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused)[0]
-    else:
-        n_cached, start = assemble_into(model, buf, ctx.preamble_kv, packets, fused)
-        graph = PromptGraph(model, buf, n_cached, n_task, start, fused)
+    with fused_projections(model, fused) as projections:
+        if variant == "fast":
+            def step():
+                return fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused,
+                                  projections)[0]
+        else:
+            n_cached, start = assemble_into(model, buf, ctx.preamble_kv, packets, fused)
+            graph = PromptGraph(model, buf, n_cached, n_task, start, fused, projections)
 
-        def step():
-            ids = ctx.task_ids.to(device)
-            assemble_into(model, buf, ctx.preamble_kv, packets, fused)
-            return graph(ids)
-    logits = step().float()
-    diff = float((logits - plain["logits"]).abs().max())
-    agree = bool(logits.argmax() == plain["logits"].argmax())
-    times = time_runs(step, device, cfg.warmup, cfg.repeats, cfg.min_repeats, cfg.max_seconds)
+            def step():
+                ids = ctx.task_ids.to(device)
+                assemble_into(model, buf, ctx.preamble_kv, packets, fused)
+                return graph(ids)
+        check = _compare(step, plain)
+        times = time_runs(step, device, cfg.warmup, cfg.repeats, cfg.min_repeats, cfg.max_seconds)
+        graph = None
 
     def median_ms(fn) -> float:
         return 1e3 * statistics.median(time_runs(fn, device, 1, cfg.repeats, cfg.min_repeats,
@@ -342,8 +468,54 @@ def _bench_variant(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, vari
     assembly = median_ms(lambda: assemble_into(model, buf, ctx.preamble_kv, packets, fused))
     copies = median_ms(lambda: copy_chunks(buf, [ctx.preamble_kv] + [p.kv for p in packets], fused))
     return row("kv_packet", "", variant, times, plain["flops"], plain["cached"],
-               assembly_ms=assembly, rotation_ms=assembly - copies, max_logit_diff=diff,
-               top1_agrees=agree)
+               assembly_ms=assembly, rotation_ms=assembly - copies, **check)
+
+
+def bench_tier(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant: str, tier: str,
+               packet_dtype: str, row) -> dict:
+    """KV Packet with its packets in ``tier`` as ``packet_dtype``: the gpu tier through the fused
+    CUDA-graph step (eager on a CPU), the host and disk tiers through ``pipelined_query``; a disk
+    run drops the packets' cached pages before every call, so each reads the disk."""
+    device, n_task = model.device, len(ctx.task_ids)
+    fused = variant.endswith("+fused")
+    directory = Path(tempfile.mkdtemp(prefix="packets-", dir=cfg.packet_dir)) if tier == "disk" else None
+    try:
+        store = PacketStore(model, ctx.tokenizer, "bench", directory=directory, tiers=(tier,),
+                            packet_dtype=packet_dtype)
+        packets = [store.put(doc, ctx.wrapper, p) for doc, p in zip(ctx.documents, plain["packets"])]
+        _free(device)
+        _peak_reset(device)
+        buf = KVBuffer.allocate(model, plain["cached"] + n_task)
+        with fused_projections(model, fused) as projections:
+            if tier == "gpu" and "graph" in variant:
+                n_cached, start = assemble_into(model, buf, ctx.preamble_kv, packets, fused)
+                graph = PromptGraph(model, buf, n_cached, n_task, start, fused, projections)
+
+                def step():
+                    ids = ctx.task_ids.to(device)
+                    assemble_into(model, buf, ctx.preamble_kv, packets, fused)
+                    return graph(ids)
+            elif tier == "gpu":
+                def step():
+                    return fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused,
+                                      projections)[0]
+            else:
+                staging = Staging.allocate(model, packets)
+
+                def step():
+                    return pipelined_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids,
+                                           fused, projections, staging)[0]
+            setup = store.drop_page_cache if tier == "disk" else None
+            check = _compare(step, plain)
+            times = time_runs(step, device, cfg.warmup, cfg.repeats, cfg.min_repeats,
+                              cfg.max_seconds, setup)
+            graph = staging = None
+        moved = sum(p.nbytes for p in packets) if tier != "gpu" else 0
+        return row("kv_packet", "", variant, times, plain["flops"], plain["cached"], tier=tier,
+                   packet_dtype=packet_dtype, transfer_bytes=moved, **check)
+    finally:
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def bench_model(model, model_name: str, cfg: BenchConfig, env: Environment,
@@ -377,13 +549,17 @@ def write_csv(rows: list[dict], path: Path) -> pd.DataFrame:
     return df
 
 
-def environment(device: torch.device, dtype: torch.dtype) -> Environment:
+def environment(device: torch.device, dtype: torch.dtype, links_dir: Path | None = None
+                ) -> Environment:
+    """The device, its measured copy bandwidth and matmul rate, and (``links_dir``: where the disk
+    tier lives) the host → device and disk links (``measure_links``)."""
     import transformers
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     bandwidth, tflops = measure_device(device, dtype)
-    return Environment(name, str(dtype).removeprefix("torch."), bandwidth, tflops,
+    h2d, disk = measure_links(device, Path(links_dir)) if links_dir is not None else (float("nan"),) * 2
+    return Environment(name, str(dtype).removeprefix("torch."), bandwidth, tflops, h2d, disk,
                        transformers=transformers.__version__)
 
 
@@ -405,14 +581,35 @@ def loglog_slopes(df: pd.DataFrame, n_docs: int | None = None) -> pd.DataFrame:
 
 
 PACKET_LABELS = tuple(f"kv_packet[{v}]" for v in reversed(FAST_VARIANTS)) + ("kv_packet",)
+RECOMPUTE_EXCLUDED = ("kv_packet", "no_recompute", "no_cache")  # the rest recompute something
+
+
+def read_csvs(paths) -> pd.DataFrame:
+    """Benchmark CSVs concatenated, with ``tier`` / ``packet_dtype`` filled for files written
+    before they existed (every packet then was on the GPU in the model's dtype)."""
+    df = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    return with_tiers(df)
+
+
+def with_tiers(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    if "tier" not in df:
+        df["tier"] = "gpu"
+    if "packet_dtype" not in df:
+        df["packet_dtype"] = df["dtype"].map(dtype_name)
+    df["tier"] = df["tier"].fillna("gpu")
+    df["packet_dtype"] = df["packet_dtype"].fillna(df["dtype"].map(dtype_name))
+    return df
 
 
 def summary(df: pd.DataFrame, context_tokens: int = 8192, n_docs: int = 8) -> pd.DataFrame:
     """Per (device, model) at one configuration: KV Packet's speed-up over full recompute, its time
     over its floor, the shares of assembly and of re-rotation, and whether it beats every recompute
-    baseline at every measured configuration. KV Packet is its most optimised variant measured
-    (the first of ``PACKET_LABELS`` present)."""
+    baseline at every measured configuration, both their measured TTFT and their compute floors
+    (their FLOPs at the measured matmul rate). KV Packet is its most optimised variant measured
+    on the GPU tier in the model's dtype (the first of ``PACKET_LABELS`` present)."""
     out = []
+    df = with_tiers(df)
     ok = df[df["status"] == "ok"]
     for (device, model), g in ok.groupby(["device", "model"]):
         labels = set(g["label"])
@@ -421,8 +618,9 @@ def summary(df: pd.DataFrame, context_tokens: int = 8192, n_docs: int = 8) -> pd
         if packet not in at.index or "full_recompute" not in at.index:
             continue
         kp, full = at.loc[packet], at.loc["full_recompute"]
-        recompute = g[~g["method"].isin(["kv_packet", "no_recompute", "no_cache"])]
+        recompute = g[~g["method"].isin(RECOMPUTE_EXCLUDED)]
         best = recompute.groupby(["context_tokens", "n_docs"])["ttft_ms"].min()
+        best_floor = recompute.groupby(["context_tokens", "n_docs"])["floor_flops_ms"].min()
         mine = g[g["label"] == packet].set_index(["context_tokens", "n_docs"])["ttft_ms"]
         common = best.index.intersection(mine.index)
         out.append(dict(device=device, model=model, packet=packet, context_tokens=context_tokens,
@@ -431,36 +629,69 @@ def summary(df: pd.DataFrame, context_tokens: int = 8192, n_docs: int = 8) -> pd
                         over_floor=kp["ttft_over_floor"], assembly_share=kp["assembly_share"],
                         rotation_share=kp.get("rotation_share", float("nan")),
                         beats_all_recompute=bool((mine[common] < best[common]).all()),
+                        beats_recompute_floors=bool((mine[common] < best_floor[common]).all()),
                         configs_compared=len(common)))
     return pd.DataFrame(out)
 
 
-def plot_latency(df: pd.DataFrame, model: str | None = None, n_docs: int | None = None, ax=None):
-    """TTFT (median, log-log) against context length, one line per method label, the KV Packet
-    floor dashed. Returns the matplotlib Axes."""
-    import matplotlib.pyplot as plt
+def tier_lines(df: pd.DataFrame) -> pd.DataFrame:
+    """KV Packet's rows per (tier, packet dtype): on the GPU tier in the model's dtype its most
+    optimised variant, elsewhere the one measured. Adds ``line`` ("gpu bf16", "host fp8", …)."""
+    df = with_tiers(df)
+    ok = df[(df["status"] == "ok") & (df["method"] == "kv_packet")]
+    keep = []
+    for (_, _, tier, dtype), g in ok.groupby(["device", "model", "tier", "packet_dtype"]):
+        pick = g
+        if tier == "gpu":
+            labels = set(g["label"])
+            pick = g[g["label"] == next((x for x in PACKET_LABELS if x in labels), g["label"].iloc[0])] \
+                if dtype == dtype_name(g["dtype"].iloc[0]) else g
+        keep.append(pick.assign(line=f"{tier} {dtype}"))
+    return pd.concat(keep, ignore_index=True) if keep else ok.assign(line=[])
 
-    from kvp.plots import line_style, method_style
 
+def crossover_tokens(packet: pd.Series, full: pd.Series) -> float:
+    """The context length above which ``packet`` (TTFT by context length) beats ``full``: where
+    log(packet / full) changes sign, interpolated in log-log; 0 when it is faster at every
+    measured length, inf when at none."""
+    common = packet.index.intersection(full.index).sort_values()
+    ratio = np.log(packet[common].to_numpy() / full[common].to_numpy())
+    if (ratio < 0).all():
+        return 0.0
+    if (ratio >= 0).all():
+        return float("inf")
+    last = int(np.nonzero(ratio >= 0)[0].max())  # the longest length where reuse still loses
+    if last + 1 >= len(common):
+        return float("inf")
+    x0, x1 = np.log(common[last]), np.log(common[last + 1])
+    r0, r1 = ratio[last], ratio[last + 1]
+    return float(np.exp(x0 + (x1 - x0) * r0 / (r0 - r1)))
+
+
+def tier_summary(df: pd.DataFrame, context_tokens: int = 8192, n_docs: int = 8) -> pd.DataFrame:
+    """Per (device, model, tier, packet dtype): KV Packet at one configuration (TTFT, floor and its
+    transfer part, time over floor, speed-up over full recompute) and the crossover context
+    length against full recompute over the length sweep at ``n_docs`` documents."""
+    df = with_tiers(df)
+    lines = tier_lines(df)
     ok = df[df["status"] == "ok"]
-    model = model or ok["model"].iloc[0]
-    ok = ok[ok["model"] == model]
-    ok = ok.assign(setting=ok["setting"].fillna("") if "setting" in ok else "")
-    n_docs = n_docs if n_docs is not None else int(ok["n_docs"].mode().iloc[0])
-    ok = ok[ok["n_docs"] == n_docs].sort_values("context_tokens")
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 4.5))
-    for label, g in ok.groupby("label", sort=False):
-        style = method_style(g["method"].iloc[0])
-        ax.plot(g["context_tokens"], g["ttft_ms"], marker=style.marker, color=style.color,
-                linestyle=line_style(g["variant"].iloc[0], g["setting"].iloc[0]), label=label)
-    floor = ok[ok["label"] == "kv_packet"]
-    ax.plot(floor["context_tokens"], floor["floor_ms"], color="black", linestyle="--",
-            label="KV Packet floor")
-    ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="TTFT (ms, median)",
-           title=f"{model}, {n_docs} documents, {ok['device'].iloc[0]}")
-    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
-    return ax
+    out = []
+    for (device, model, line), g in lines.groupby(["device", "model", "line"], sort=False):
+        full = ok[(ok["device"] == device) & (ok["model"] == model) & (ok["label"] == "full_recompute")
+                  & (ok["n_docs"] == n_docs)].set_index("context_tokens")["ttft_ms"]
+        sweep = g[g["n_docs"] == n_docs].set_index("context_tokens")["ttft_ms"]
+        at = g[(g["context_tokens"] == context_tokens) & (g["n_docs"] == n_docs)]
+        if at.empty or context_tokens not in full.index:
+            continue
+        r = at.iloc[0]
+        out.append(dict(device=device, model=model, tier=r["tier"], packet_dtype=r["packet_dtype"],
+                        label=r["label"], context_tokens=context_tokens, n_docs=n_docs,
+                        packet_ms=r["ttft_ms"], floor_ms=r["floor_ms"],
+                        floor_transfer_ms=r.get("floor_transfer_ms", 0.0),
+                        over_floor=r["ttft_over_floor"],
+                        speedup_vs_full=full[context_tokens] / r["ttft_ms"],
+                        crossover_tokens=crossover_tokens(sweep, full)))
+    return pd.DataFrame(out)
 
 
 # --------------------------------------------------------------------------- command line
@@ -471,10 +702,15 @@ def run(args) -> Path:
     deadline = start + args.time_limit
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    env = environment(device, dtype)
+    model_dtype = dtype_name(str(dtype).removeprefix("torch."))
+    packet_dtypes = tuple(dict.fromkeys("model" if d in ("model", model_dtype) else d
+                                        for d in args.packet_dtypes))
+    packet_dir = args.packet_dir or args.out
+    links = packet_dir if set(args.tiers) - {"gpu"} else None
+    env = environment(device, dtype, Path(links) if links else None)
     print(f"{env.device}: copy {env.bandwidth_gbs:.0f} GB/s, matmul {env.matmul_tflops:.0f} TFLOP/s "
-          f"({env.dtype}); torch {env.torch}, transformers {env.transformers}, CUDA {env.cuda}",
-          flush=True)
+          f"({env.dtype}), host→device {env.h2d_gbs:.1f} GB/s, disk {env.disk_gbs:.2f} GB/s; "
+          f"torch {env.torch}, transformers {env.transformers}, CUDA {env.cuda}", flush=True)
     slug = env.device.split("(")[0].strip().lower().replace(" ", "-")
     path = Path(args.out) / f"ttft_{slug}_{env.date}.csv"
     rows: list[dict] = []
@@ -483,7 +719,10 @@ def run(args) -> Path:
         model, _, _ = load_model(name, device=device, dtype=dtype, config_overrides=overrides)
         cfg = BenchConfig(context_tokens=tuple(args.contexts), n_docs=tuple(args.n_docs),
                           n_docs_default=args.n_docs_default, n_docs_context=args.n_docs_context,
-                          repeats=args.repeats, max_seconds=args.max_seconds)
+                          repeats=args.repeats, max_seconds=args.max_seconds,
+                          methods=tuple(m for m in DEFAULT_METHODS if m[0] in args.methods),
+                          variants=tuple(args.variants), tiers=tuple(args.tiers),
+                          packet_dtypes=packet_dtypes, packet_dir=str(packet_dir))
         model_deadline = min(deadline, time.perf_counter() + args.model_time_limit)
         rows = bench_model(model, name, cfg, env, model_deadline, path, rows,
                            log=lambda s: print(s, flush=True))
@@ -494,11 +733,9 @@ def run(args) -> Path:
     return path
 
 
-def _read(paths: list[str]) -> pd.DataFrame:
-    return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, save_figures=None) -> None:
+    """``python -m kvp.bench run|summary|plot``; ``save_figures(df, png_path)`` draws the plot
+    command's figures and returns their paths (:func:`kvp.plots.save_latency_figures`)."""
     parser = argparse.ArgumentParser(prog="python -m kvp.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="measure and write a CSV")
@@ -517,6 +754,17 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--max-seconds", type=float, default=BenchConfig.max_seconds)
     r.add_argument("--time-limit", type=float, default=float("inf"),
                    help="seconds for the whole run; later measurements are recorded as skipped")
+    names = lambda s: s.split(",")  # noqa: E731
+    r.add_argument("--methods", type=names, default=list(dict.fromkeys(m for m, _ in DEFAULT_METHODS)),
+                   help="comma-separated methods of the default grid to time")
+    r.add_argument("--variants", type=names, default=list(FAST_VARIANTS),
+                   help=f"KV Packet variants on the GPU tier, of {FAST_VARIANTS}")
+    r.add_argument("--tiers", type=names, default=["gpu"],
+                   help="where the packets are: gpu,host,disk (host / disk: pipelined query)")
+    r.add_argument("--packet-dtypes", type=names, default=["model"],
+                   help="packet storage: model (or its dtype, e.g. bf16), fp8, int8")
+    r.add_argument("--packet-dir", default=None,
+                   help="directory of the disk tier (default: --out); its files are removed")
     r.add_argument("--model-time-limit", type=float, default=float("inf"),
                    help="seconds per model (within --time-limit)")
     s = sub.add_parser("summary", help="key ratios and log-log slopes of CSVs")
@@ -530,26 +778,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "run":
         run(args)
     elif args.command == "summary":
-        df = _read(args.csv)
-        with pd.option_context("display.width", 200, "display.max_columns", 20):
+        df = read_csvs(args.csv)
+        with pd.option_context("display.width", 220, "display.max_columns", 20):
             print(summary(df, args.context, args.n_docs).to_string(index=False))
+            tiers = tier_summary(df, args.context, args.n_docs)
+            if len(tiers):
+                print(tiers.to_string(index=False))
             print(loglog_slopes(df).to_string(index=False))
     else:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        df = _read(args.csv)
-        models = list(dict.fromkeys(df["model"]))
-        fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.8), squeeze=False)
-        for model, ax in zip(models, axes[0]):
-            plot_latency(df, model, ax=ax)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=150, bbox_inches="tight")
-        print(f"wrote {out}")
+        if save_figures is None:
+            parser.error("the plot command draws with kvp.plots: run it as python -m kvp.bench plot")
+        for path in save_figures(read_csvs(args.csv), Path(args.out)):
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    # The plot command draws with kvp.plots, which sits above the benchmark (docs/README.md#layers).
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from kvp.plots import save_latency_figures
+
+    main(save_figures=save_latency_figures)

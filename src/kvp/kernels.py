@@ -1,6 +1,8 @@
-"""Triton kernels of the fused KV Packet query step (``kvp.fast`` with ``fused=True``).
+"""Triton kernels of the fused KV Packet query step (``kvp.query_step`` with ``fused=True``).
 
-``assemble`` — the whole assembly in one launch. ``kvp.fast.assemble_into`` writes
+``assemble`` — the whole assembly in one launch (or one per layer, when packets arrive layer by
+layer from host memory or disk), dequantizing compact packets (fp8 / int8 with per-channel
+scales, ``kvp.compact``) on the way. ``kvp.query_step.assemble_into`` writes
 ``[preamble][packet 1]…[packet N]`` into a preallocated buffer; done chunk by chunk that is at
 least two kernel launches per chunk plus the host work around each (which dominates at short
 contexts), and a compiled kernel with dynamic shapes reaches about a fifth of the memory bandwidth.
@@ -34,17 +36,19 @@ from kvp.cache import ChunkKV
 BLOCK_T = 32  # tokens per program (each program moves them for every head of one layer)
 
 
-def _assemble_kernel(table, blocks_at, cos, sin, dst_k, dst_v, n_heads, head_stride,
+def _assemble_kernel(table, blocks_at, cos, sin, dst_k, dst_v, src_type, n_heads, head_stride,
                     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, D_P2: tl.constexpr,
-                    BLOCK: tl.constexpr, ROTATE: tl.constexpr):
+                    BLOCK: tl.constexpr, ROTATE: tl.constexpr, SCALED: tl.constexpr):
     block, layer = tl.program_id(0), tl.program_id(1).to(tl.int64)
     chunk = tl.load(table + blocks_at + 2 * block)
     t = tl.load(table + blocks_at + 2 * block + 1) + tl.arange(0, BLOCK)[:, None]  # (BLOCK, 1)
-    # 8 int64 per chunk: k ptr, v ptr, length, slot, layer / head / token strides, rotation offset
-    row = table + 8 * chunk
+    # 10 int64 per chunk: k ptr, v ptr, length, slot, layer / head / token strides, rotation
+    # offset, key-scale ptr, value-scale ptr (scales (L, H, 1, D) fp32, read when SCALED)
+    row = table + 10 * chunk
     elem = dst_k.dtype.element_ty
-    src_k = tl.load(row).to(tl.pointer_type(elem))
-    src_v = tl.load(row + 1).to(tl.pointer_type(elem))
+    stored = src_type.dtype.element_ty  # the chunks' dtype: the buffer's, or fp8 / int8
+    src_k = tl.load(row).to(tl.pointer_type(stored))
+    src_v = tl.load(row + 1).to(tl.pointer_type(stored))
     length, slot, head_step = tl.load(row + 2), tl.load(row + 3), tl.load(row + 5)
     d = tl.arange(0, D_P2)[None, :]  # (1, D_P2)
     ok = (t < length) & (d < HEAD_DIM)
@@ -55,15 +59,29 @@ def _assemble_kernel(table, blocks_at, cos, sin, dst_k, dst_v, n_heads, head_str
         c = tl.load(cos + at, mask=d < HEAD_DIM)
         s = tl.load(sin + at, mask=d < HEAD_DIM)
         s = tl.where(d < HALF, -s, s)
-        partner = src + tl.where(d < HALF, HALF, -HALF)
+        turn = tl.where(d < HALF, HALF, -HALF)
+        partner = src + turn
+    if SCALED:  # dequantized as kvp.compact.dequantize: q · scale in fp32, rounded to the buffer
+        key_scale = tl.load(row + 8).to(tl.pointer_type(tl.float32))
+        value_scale = tl.load(row + 9).to(tl.pointer_type(tl.float32))
+        scale_at = layer * n_heads * HEAD_DIM + d
     for h in range(n_heads):
-        tl.store(dst_v + dst + h * head_stride, tl.load(src_v + src + h * head_step, mask=ok),
-                 mask=ok)
+        v = tl.load(src_v + src + h * head_step, mask=ok)
+        if SCALED:
+            sv = tl.load(value_scale + scale_at + h * HEAD_DIM, mask=d < HEAD_DIM)
+            v = v.to(tl.float32) * sv
+        tl.store(dst_v + dst + h * head_stride, v.to(elem), mask=ok)
         k = tl.load(src_k + src + h * head_step, mask=ok)
+        if SCALED:
+            sk = tl.load(key_scale + scale_at + h * HEAD_DIM, mask=d < HEAD_DIM)
+            k = (k.to(tl.float32) * sk).to(elem)
         if ROTATE:
             pair = tl.load(src_k + partner + h * head_step, mask=ok)
-            k = (k.to(tl.float32) * c + pair.to(tl.float32) * s).to(elem)
-        tl.store(dst_k + dst + h * head_stride, k, mask=ok)
+            if SCALED:
+                sp = tl.load(key_scale + scale_at + turn + h * HEAD_DIM, mask=d < HEAD_DIM)
+                pair = (pair.to(tl.float32) * sp).to(elem)
+            k = k.to(tl.float32) * c + pair.to(tl.float32) * s
+        tl.store(dst_k + dst + h * head_stride, k.to(elem), mask=ok)
 
 
 @cache
@@ -87,16 +105,21 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int] | None:
 
 
 def assemble(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV], slots: list[int],
-             offsets: list[int], cos: torch.Tensor, sin: torch.Tensor, rotate: bool = True) -> None:
+             offsets: list[int], cos: torch.Tensor, sin: torch.Tensor, rotate: bool = True,
+             scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
     """Write each chunk into ``keys``/``values`` at its slot, its keys rotated by its offset.
 
     Args:
-        keys, values: the buffer, (L, H_kv, C, D) contiguous.
-        chunks: ChunkKV with keys/values (L, H_kv, S_i, D) in the buffer's dtype and device (any
-            strides whose last dim is contiguous, keys and values alike: e.g. sliced packets).
+        keys, values: the buffer, (L, H_kv, C, D) contiguous (a layer range of a larger buffer
+            is such a tensor too: ``buf.keys[l:l + 1]``).
+        chunks: ChunkKV with keys/values (L, H_kv, S_i, D) on the buffer's device, all of one
+            dtype: the buffer's, or fp8 / int8 with ``scales`` (any strides whose last dim is
+            contiguous, keys and values alike: e.g. sliced packets).
         slots: start slot of each chunk in the buffer; offsets: the rotation of each (positions).
         cos, sin: (P, D) float32 tables, row Δ the rotation by Δ (``kvp.rope.rotation_table``).
         rotate: False copies the keys unrotated (to time what rotation adds).
+        scales: per chunk, its key and value scales (L, H_kv, 1, D) float32 (``kvp.compact``):
+            the chunk is dequantized on the way in, exactly as ``kvp.compact.dequantize``.
     """
     n_layers, n_heads, capacity, head_dim = keys.shape
     if not (keys.is_contiguous() and values.is_contiguous() and keys.shape == values.shape):
@@ -106,12 +129,18 @@ def assemble(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV], sl
                          "one-launch kernel needs a full, even rotary dim; use fused=False")
     if max(offsets) >= len(cos):
         raise ValueError(f"offset {max(offsets)} is past the rotation table ({len(cos)} rows)")
+    if scales is not None and len(scales) != len(chunks):
+        raise ValueError(f"{len(scales)} scale pairs for {len(chunks)} chunks: give one per chunk")
+    stored = chunks[0].keys.dtype if scales is not None else keys.dtype
     rows, blocks, sources = [], [], []
     for i, (chunk, slot, offset) in enumerate(zip(chunks, slots, offsets)):
         k, v = chunk.keys, chunk.values
-        if k.dtype != keys.dtype or k.device != keys.device:
-            raise ValueError(f"chunk {i} is {k.dtype} on {k.device}, the buffer {keys.dtype} on "
-                             f"{keys.device}: encode packets with the buffer's model")
+        if k.dtype != stored or v.dtype != stored or k.device != keys.device:
+            raise ValueError(f"chunk {i} is {k.dtype} on {k.device}; this launch needs {stored} "
+                             f"on {keys.device} (the buffer's dtype, or one compact dtype with "
+                             "scales): encode packets with the buffer's model")
+        if k.shape[0] != n_layers:
+            raise ValueError(f"chunk {i} has {k.shape[0]} layers, the buffer {n_layers}")
         stride = _strides(k)
         if stride is None or _strides(v) != stride:
             k, v = k.contiguous(), v.contiguous()
@@ -119,7 +148,16 @@ def assemble(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV], sl
         if slot + chunk.length > capacity:
             raise ValueError(f"chunk {i} ends at slot {slot + chunk.length}, past the buffer's "
                              f"capacity {capacity}")
-        rows += [k.data_ptr(), v.data_ptr(), chunk.length, slot, *stride, offset]  # 8 per chunk
+        pair = [0, 0]
+        if scales is not None:
+            pair = [s.contiguous() for s in scales[i]]
+            if any(s.shape != (n_layers, n_heads, 1, head_dim) or s.dtype != torch.float32
+                   or s.device != keys.device for s in pair):
+                raise ValueError(f"chunk {i}: scales must be float32 {(n_layers, n_heads, 1, head_dim)}"
+                                 f" on {keys.device}")
+            sources += pair
+            pair = [s.data_ptr() for s in pair]
+        rows += [k.data_ptr(), v.data_ptr(), chunk.length, slot, *stride, offset, *pair]  # 10
         sources += [k, v]  # alive until the launch (a contiguous copy is only referenced here)
         blocks += [x for t0 in range(0, chunk.length, BLOCK_T) for x in (i, t0)]
     device = keys.device
@@ -127,9 +165,9 @@ def assemble(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV], sl
     table = torch.tensor(rows + blocks, dtype=torch.int64, pin_memory=pin).to(device, non_blocking=True)
     grid = (len(blocks) // 2, n_layers)
     _compiled(_assemble_kernel, device.type != "cuda")[grid](
-        table, len(rows), cos, sin, keys, values, n_heads, capacity * head_dim,
+        table, len(rows), cos, sin, keys, values, chunks[0].keys, n_heads, capacity * head_dim,
         HEAD_DIM=head_dim, HALF=head_dim // 2, D_P2=_pow2(head_dim), BLOCK=BLOCK_T, ROTATE=rotate,
-        **({"enable_fp_fusion": False} if device.type == "cuda" else {}))
+        SCALED=scales is not None, **({"enable_fp_fusion": False} if device.type == "cuda" else {}))
 
 
 @cache

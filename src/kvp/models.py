@@ -389,6 +389,14 @@ def _hub_model(name: str, dtype: torch.dtype, quantize: str | None, device: torc
             f"(offline?). Use a local copy's path, or an embedded model: {', '.join(EMBEDDED)}"
         ) from err
     check_supported(config)
+    model = AutoModelForCausalLM.from_pretrained(name, config=config,
+                                                 **quantization_kwargs(quantize, dtype, device))
+    return model, AutoTokenizer.from_pretrained(name)
+
+
+def quantization_kwargs(quantize: str | None, dtype: torch.dtype, device: torch.device) -> dict:
+    """``from_pretrained`` arguments: the dtype, and for ``quantize`` ("4bit": NF4 with ``dtype``
+    compute, "8bit": LLM.int8) a bitsandbytes config with the model placed on ``device``."""
     kwargs: dict = {"dtype": dtype}
     if quantize is not None:
         from transformers import BitsAndBytesConfig
@@ -397,8 +405,7 @@ def _hub_model(name: str, dtype: torch.dtype, quantize: str | None, device: torc
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
             if quantize == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
         kwargs["device_map"] = {"": device.index or 0}
-    model = AutoModelForCausalLM.from_pretrained(name, config=config, **kwargs)
-    return model, AutoTokenizer.from_pretrained(name)
+    return kwargs
 
 
 def head_dim(config) -> int:
@@ -448,8 +455,9 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
 
         path = ensure_converted(name)
         hf_logging.disable_progress_bar()  # a per-tensor bar for a 0.5 s load is noise
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                     attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, attn_implementation=attn_implementation,
+            **quantization_kwargs(quantize, dtype, device))
         tokenizer = AutoTokenizer.from_pretrained(path)
         source = f"embedded GGUF ({', '.join(EMBEDDED[name].pip_packages)}), sha256 {EMBEDDED[name].sha256}"
     elif random_weights:

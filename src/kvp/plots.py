@@ -21,6 +21,7 @@ import seaborn as sns
 from matplotlib.ticker import FuncFormatter, NullLocator
 
 from kvp.attention import plain_view
+from kvp.bench import crossover_tokens, dtype_name, tier_lines, with_tiers
 from kvp.blockmask import Layout
 from kvp.results import atomic_path
 
@@ -509,7 +510,7 @@ VARIANT_LINES = {"fast": ":", "fast+graph": "-.", "fast+graph+fused": (0, (6, 1.
 
 def line_style(variant: str, setting: str) -> str | tuple:
     """Line style of a latency curve: solid for a method's own path (dotted for its second,
-    larger setting), one style per optimised ``kvp.fast`` variant."""
+    larger setting), one style per optimised ``kvp.query_step`` variant."""
     if variant == "plain":
         return ":" if "ratio=0.5" in setting else "-"
     return VARIANT_LINES.get(variant, "-.")
@@ -520,8 +521,11 @@ def plot_latency_grid(bench: pd.DataFrame) -> plt.Figure:
 
     ``bench``: rows of ``kvp.bench`` CSVs (status ``ok``), one figure row per (device, model);
     one line per method setting (optimised variants: ``line_style``), log-log axes with
-    the measured values as ticks; one legend for the figure.
+    the measured values as ticks; one legend for the figure. Only packets on the GPU in the
+    model's dtype are drawn here (the tiers: ``plot_tier_latency``).
     """
+    bench = with_tiers(bench)
+    bench = bench[(bench["tier"] == "gpu") & (bench["packet_dtype"] == bench["dtype"].map(dtype_name))]
     ok = bench[bench["status"] == "ok"].assign(setting=lambda d: d["setting"].fillna(""))
     ok = ok.assign(line=[setting_label(m, s.split(",check_layer")[0]) + ("" if v == "plain" else f" [{v}]")
                          for m, s, v in zip(ok["method"], ok["setting"], ok["variant"])])
@@ -564,6 +568,101 @@ def plot_latency_grid(bench: pd.DataFrame) -> plt.Figure:
                    title=f"{model}\n{n_docs} documents")
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=5,
                frameon=False, fontsize=8)
+    return fig
+
+
+TIER_COLORS = {"gpu": "#1b9e77", "host": "#7570b3", "disk": "#d95f02"}
+
+
+def plot_tier_latency(bench: pd.DataFrame) -> plt.Figure:
+    """TTFT vs context length with the packets on the GPU, in pinned host memory and on disk
+    (solid: the model's dtype, dashed: compact packets) beside full recompute, one panel per
+    (device, model), at the sweep's number of documents; each tier's floor dotted and the
+    context length where it starts to beat full recompute marked (``kvp.bench.tier_summary``).
+    """
+    bench = with_tiers(bench)
+    lines = tier_lines(bench)
+    ok = bench[bench["status"] == "ok"]
+    sources = list(dict.fromkeys(zip(lines["device"], lines["model"])))
+    if not sources:
+        raise ValueError("no KV Packet rows measured: nothing to plot (run kvp.bench with --tiers)")
+    fig, axes = plt.subplots(1, len(sources), figsize=(7.5 * len(sources), 5), squeeze=False,
+                             layout="constrained")
+    for ax, (device, model) in zip(axes[0], sources):
+        mine = lines[(lines["device"] == device) & (lines["model"] == model)]
+        n_docs = int(mine["n_docs"].mode().iloc[0])
+        mine = mine[mine["n_docs"] == n_docs]
+        full = ok[(ok["device"] == device) & (ok["model"] == model) & (ok["n_docs"] == n_docs)
+                  & (ok["label"] == "full_recompute")].sort_values("context_tokens")
+        ax.plot(full["context_tokens"], full["ttft_ms"], color=method_style("full_recompute").color,
+                marker=method_style("full_recompute").marker, lw=2, label="full recompute")
+        full_ms = full.set_index("context_tokens")["ttft_ms"]
+        for line, g in mine.groupby("line", sort=False):
+            g = g.sort_values("context_tokens")
+            tier, compact = g["tier"].iloc[0], g["packet_dtype"].iloc[0] in ("fp8", "int8")
+            color = TIER_COLORS.get(tier, "0.3")
+            cross = crossover_tokens(g.set_index("context_tokens")["ttft_ms"], full_ms)
+            note = ("beats recompute at every length" if cross == 0 else "never beats recompute"
+                    if cross == float("inf") else f"beats recompute above {cross:,.0f} tokens")
+            ax.plot(g["context_tokens"], g["ttft_ms"], color=color, marker="o", ms=4,
+                    ls="--" if compact else "-", label=f"KV Packet, {line} ({note})")
+            ax.plot(g["context_tokens"], g["floor_ms"], color=color, ls=":", lw=1)
+            if 0 < cross < float("inf"):
+                ax.axvline(cross, color=color, lw=0.8, alpha=0.6)
+        ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="TTFT (ms, median)",
+               title=f"{model} · {device}\n{n_docs} documents; dotted: each tier's floor")
+        ax.set_xticks(sorted(mine["context_tokens"].unique()))
+        ax.xaxis.set_minor_locator(NullLocator())
+        _plain_log_labels(ax, "both")
+        ax.legend(fontsize=7, loc="upper left")
+    return fig
+
+
+def plot_adapter_results(results: pd.DataFrame) -> plt.Figure:
+    """The shipped adapters' table as small multiples: one column per (dataset, shift), F1 (with
+    95% CIs) on top and agreement with full recompute below. KV Packet bars are the mean over
+    wrapper seeds, each seed a dot; the mixture adapter is hatched.
+
+    ``results`` has the columns of ``data/adapters/results.csv``.
+    """
+    from kvp.adapters import adapter_of
+
+    results = results.assign(adapter=adapter_of(results.wrapper))
+    cells = sorted(results.groupby(["model", "dataset", "split_shift"]).groups,
+                   key=lambda c: (c[0], c[1], c[2] != "none", c[2]))  # the standard test first
+    set_theme()
+    fig, axes = plt.subplots(2, len(cells), figsize=(2.3 * len(cells) + 1, 5.5), squeeze=False,
+                             sharey="row")
+    for col, (model, dataset, shift) in enumerate(cells):
+        cell = results[(results.model == model) & (results.dataset == dataset)
+                       & (results.split_shift == shift)]
+        bars = []  # (label, method, adapter, rows)
+        for method in ("full_recompute", "no_recompute"):
+            bars += [(method_label(method), method, "", cell[cell.method == method])]
+        for adapter, g in cell[cell.method == "kv_packet"].groupby("adapter", sort=False):
+            bars.append((f"KV Packet\n({adapter})", "kv_packet", adapter, g))
+        bars = [b for b in bars if len(b[3])]
+        for row, metric in enumerate(("f1_micro", "agree_f1")):
+            ax = axes[row, col]
+            for i, (label, method, adapter, g) in enumerate(bars):
+                mean = g[metric].mean()
+                err = None
+                if metric == "f1_micro" and len(g) == 1:
+                    err = [[max(mean - g.ci_low.iloc[0], 0)], [max(g.ci_high.iloc[0] - mean, 0)]]
+                ax.bar(i, mean, color=method_style(method).color, yerr=err, capsize=3,
+                       hatch="//" if adapter == "mixture" else None, edgecolor="white")
+                if len(g) > 1:
+                    ax.scatter([i] * len(g), g[metric], color="black", s=10, zorder=3)
+            ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=60, ha="right",
+                          fontsize=8)
+            if row == 0:
+                ax.set_title(f"{model}\n{dataset} · {shift} · n={int(cell.n.iloc[0])}", fontsize=9)
+                ax.tick_params(labelbottom=False)
+            if col == 0:
+                ax.set_ylabel("micro F1 (95% CI)" if row == 0 else "agreement with full")
+    fig.suptitle(f"Shipped adapters · {', '.join(sorted(results.model.unique()))} · "
+                 "dots = wrapper seeds", y=1.01)
+    fig.tight_layout()
     return fig
 
 
@@ -636,3 +735,17 @@ def save_loss_figure(run_dir: str | Path, title: str) -> tuple[Path, Path]:
         return save_fig(fig, "loss", fig_dir=run_dir)
     finally:
         plt.close(fig)
+
+
+def save_latency_figures(bench: pd.DataFrame, out: Path) -> list[Path]:
+    """Write ``out`` (:func:`plot_latency_grid`) and, when ``bench`` holds packets off the GPU or
+    compact ones, ``<out stem>_tiers.png`` (:func:`plot_tier_latency`), atomically; their paths."""
+    figures = {out: plot_latency_grid(bench)}
+    if (bench["tier"] != "gpu").any() or bench["packet_dtype"].nunique() > 1:
+        figures[out.with_name(f"{out.stem}_tiers{out.suffix}")] = plot_tier_latency(bench)
+    for path, fig in figures.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=150, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+        plt.close(fig)
+    return list(figures)

@@ -41,7 +41,7 @@ def project_qkv(attn, x: torch.Tensor, n: int,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(n, d) normed hidden → q (H, n, hd), k and v (H_kv, n, hd), q/k norm applied if present.
 
-    ``fused``: (weight, bias) of q/k/v stacked (``kvp.fast.fused_projections``), one GEMM instead
+    ``fused``: (weight, bias) of q/k/v stacked (``kvp.query_step.FusedProjections``), one GEMM instead
     of the three projections."""
     hd = attn.head_dim
     if fused is None:

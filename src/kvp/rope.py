@@ -12,6 +12,8 @@ because the cached key already carries it once.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -43,12 +45,16 @@ def rotation(model, delta: torch.Tensor, device: torch.device | None = None
     return cos[0].float() / scale, sin[0].float() / scale
 
 
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @torch.no_grad()
 def rotation_table(model, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin (P, head_dim) float32 of rotations by 0..P-1 positions, P ≥ n (``rotation`` of
     ``arange(P)``; row 0 the exact identity). Built once per model and device, grown by doubling,
-    so re-rotating a chunk by Δ reads row Δ instead of evaluating the rotary module."""
-    tables = model.__dict__.setdefault("_kvp_rotation_tables", {})
+    so re-rotating a chunk by Δ reads row Δ instead of evaluating the rotary module. The tables
+    are kept beside the model (weakly keyed: they go with it), never on it."""
+    tables = _TABLES.setdefault(model, {})
     device = torch.device(device)
     cos, sin = tables.get(str(device), (None, None))
     if cos is None or len(cos) < n:

@@ -1,0 +1,212 @@
+"""Packet tiers (gpu / host / disk), compact fp8 / int8 packets and the pipelined query step.
+
+Each fast or compact path is checked against the obvious one: a packet read back from any tier is
+the packet built in memory; the pipelined step gives the resident step's logits and buffer bit
+for bit; compact packets stay within the e4m3 / int8 rounding bounds and their fused assembly is
+the plain assembly of the dequantized packets.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from kvp.compact import dequantize, quantize
+from kvp.methods import get_method, make_context
+from kvp.models import load_model
+from kvp.packet import PacketStore, PacketWrapper, assemble, build_packet
+from kvp.query_step import KVBuffer, Staging, assemble_into, fast_query, pipelined_query
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="Triton is not installed (no wheels for this platform)")
+DOCS = ["Ada Lovelace was born in London in 1815 and studied mathematics.",
+        "The Nile flows north through eleven countries into the Mediterranean Sea.",
+        "Marie Curie won Nobel prizes in physics and in chemistry."]
+SMALL_LLAMA = dict(num_hidden_layers=3, hidden_size=256, intermediate_size=512,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1024)
+
+
+@pytest.fixture(scope="module")
+def wrapper(smollm):
+    return PacketWrapper.init_from_embeddings(smollm[0], 4, 4, seed=3, model_name="smollm2-135m")
+
+
+def store_of(smollm, tmp_path, tiers, packet_dtype="model", **kw) -> PacketStore:
+    model, tokenizer, _ = smollm
+    directory = tmp_path / "packets" if "disk" in tiers else None
+    return PacketStore(model, tokenizer, "smollm2-135m", directory=directory, tiers=tiers,
+                       packet_dtype=packet_dtype, **kw)
+
+
+def assert_same_packet(a, b):
+    assert (a.n_header, a.n_doc, a.n_trailer, a.span) == (b.n_header, b.n_doc, b.n_trailer, b.span)
+    assert torch.equal(a.doc_ids, b.doc_ids)
+    for x, y in [(a.kv.keys, b.kv.keys), (a.kv.values, b.kv.values), *zip(a.scales or (), b.scales or ())]:
+        assert x.dtype == y.dtype and torch.equal(x.cpu().view(torch.uint8), y.cpu().view(torch.uint8))
+
+
+@pytest.mark.parametrize("packet_dtype", ["model", "fp8", "int8"])
+def test_every_tier_returns_the_packet_built_in_memory(smollm, wrapper, tmp_path, packet_dtype):
+    model, tokenizer, _ = smollm
+    want = build_packet(model, tokenizer, DOCS[0], wrapper).compacted(packet_dtype)
+    for tiers in [("gpu",), ("host",), ("disk",)]:
+        store = store_of(smollm, tmp_path, tiers, packet_dtype)
+        got = store.get(DOCS[0], wrapper)
+        assert_same_packet(got, want)
+        assert store.tier_of(DOCS[0], wrapper) == tiers[0] and store.get(DOCS[0], wrapper) is got
+        assert store.nbytes(tiers[0]) == want.nbytes
+    # the disk tier persists: a new store maps the file instead of encoding again
+    again = store_of(smollm, tmp_path, ("disk",), packet_dtype)
+    assert_same_packet(again.get(DOCS[0], wrapper), want)
+    assert again.n_encoded == 0
+    again.drop_page_cache()  # pages dropped, data intact: the next read comes from the file
+    assert_same_packet(again.get(DOCS[0], wrapper), want)
+    # a compact and a full-precision packet of the same document are stored apart
+    if packet_dtype != "model":
+        plain = store_of(smollm, tmp_path, ("disk",))
+        assert plain.get(DOCS[0], wrapper).scales is None and plain.n_encoded == 1
+
+
+def test_lru_moves_packets_down_the_tiers_and_refuses_an_oversized_one(smollm, wrapper, tmp_path):
+    model, tokenizer, _ = smollm
+    sizes = [build_packet(model, tokenizer, d, wrapper).nbytes for d in DOCS]
+    store = store_of(smollm, tmp_path, ("gpu", "host", "disk"),
+                     max_bytes={"gpu": max(sizes) + 1, "host": sizes[0] + sizes[1]})
+    for doc in DOCS:
+        store.get(doc, wrapper)
+    # gpu holds the last packet; host the two before it; every packet is on disk
+    assert [store.tier_of(d, wrapper) for d in DOCS] == ["host", "host", "gpu"]
+    assert store.nbytes("gpu") <= max(sizes) + 1 and store.nbytes("host") <= sizes[0] + sizes[1]
+    assert len(list((tmp_path / "packets").rglob("*.safetensors"))) == 3
+    store.get(DOCS[0], wrapper)  # a hit lower down moves the packet up again
+    assert store.tier_of(DOCS[0], wrapper) == "gpu" and store.n_encoded == 3
+    small = store_of(smollm, tmp_path, ("gpu",), max_bytes={"gpu": sizes[0] - 1})
+    with pytest.raises(ValueError, match=r"larger than the 'gpu' tier.*raise that bound"):
+        small.get(DOCS[0], wrapper)
+    with pytest.raises(ValueError, match="disk tier needs a directory"):
+        PacketStore(model, tokenizer, "smollm2-135m", tiers=("host", "disk"))
+    with pytest.raises(ValueError, match="fastest first"):
+        PacketStore(model, tokenizer, "smollm2-135m", tiers=("host", "gpu"))
+    with pytest.raises(ValueError, match="packet_dtype='bf8'"):
+        PacketStore(model, tokenizer, "smollm2-135m", packet_dtype="bf8")
+
+
+@pytest.mark.parametrize("packet_dtype", ["fp8", "int8"])
+def test_compact_round_trip_is_within_the_rounding_bound(packet_dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 50, 16, generator=gen) * torch.logspace(-3, 2, 16)  # wide channel range
+    x[0, 0, :, 5] = 0.0  # an all-zero channel keeps scale 1 and decodes to zeros
+    q, scale = quantize(x, packet_dtype)
+    assert scale.shape == (2, 3, 1, 16) and q.dtype == {"fp8": torch.float8_e4m3fn,
+                                                         "int8": torch.int8}[packet_dtype]
+    err = (dequantize(q, scale, torch.float32) - x).abs()
+    if packet_dtype == "fp8":  # 3 mantissa bits: half an ulp, or half the subnormal step
+        bound = torch.maximum(2.0 ** -4 * x.abs(), 2.0 ** -10 * scale)
+    else:
+        bound = scale / 2
+    assert (err <= bound * (1 + 1e-6)).all()
+    assert (err > 0).any()  # the bound is not vacuous: rounding happened
+    assert not dequantize(q, scale, torch.float32)[0, 0, :, 5].any()
+
+
+def query(smollm, store, wrapper):
+    model, tokenizer, _ = smollm
+    ctx = make_context(model, tokenizer, store, "Answer from the documents.", DOCS,
+                       "Who studied mathematics?", wrapper)
+    return ctx, [store.get(d, wrapper) for d in DOCS]
+
+
+@pytest.mark.parametrize("packet_dtype", ["model", "fp8"])
+def test_pipelined_query_is_the_resident_query_from_every_tier(smollm, wrapper, tmp_path,
+                                                               packet_dtype):
+    model = smollm[0]
+    ctx, resident = query(smollm, store_of(smollm, tmp_path, ("gpu",), packet_dtype), wrapper)
+    n = ctx.n_preamble + sum(p.kv.length for p in resident) + len(ctx.task_ids)
+    ref = KVBuffer.allocate(model, n)
+    want, next_pos = fast_query(model, ref, ctx.preamble_kv, resident, ctx.task_ids)
+    plain = get_method("kv_packet").prefill(ctx, resident)  # plain path, packets dequantized
+    torch.testing.assert_close(want, plain.first_logits, rtol=1e-4, atol=1e-4)
+    for tiers in [("gpu",), ("host",), ("disk",)]:
+        _, packets = query(smollm, store_of(smollm, tmp_path, tiers, packet_dtype), wrapper)
+        staging = Staging.allocate(model, packets, depth=2)  # a ring shorter than the model
+        for _ in range(2):  # the staging ring is reused by the next query
+            buf = KVBuffer.allocate(model, n)
+            got, pos = pipelined_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids,
+                                       staging=staging)
+            assert pos == next_pos and torch.equal(got, want), tiers
+            assert torch.equal(buf.keys, ref.keys) and torch.equal(buf.values, ref.values)
+    with pytest.raises(ValueError, match="use pipelined_query"):
+        assemble_into(model, ref, ctx.preamble_kv, [p.placed("meta") for p in resident])
+
+
+@needs_triton
+@pytest.mark.parametrize("packet_dtype", ["fp8", "int8"])
+def test_fused_compact_assembly_is_the_plain_assembly_of_dequantized_packets(tmp_path,
+                                                                            packet_dtype):
+    """The Triton kernel (interpreted on the CPU) dequantizes inside the assembly: its cache is
+    the plain path's assembly of the dequantized packets; pipelined from disk it is the same."""
+    from kvp.bench import IdTokenizer
+
+    model = load_model("arch:llama-3.1-8b", device="cpu", config_overrides=SMALL_LLAMA)[0]
+    wrapper = PacketWrapper.init_from_embeddings(model, 4, 4, seed=1, model_name="m")
+    gen = torch.Generator().manual_seed(0)
+    docs = [" ".join(map(str, torch.randint(0, 1024, (n,), generator=gen).tolist())) for n in (40, 70)]
+    stores = {t: PacketStore(model, IdTokenizer(), "m", tiers=(t,), packet_dtype=packet_dtype,
+                             directory=tmp_path if t == "disk" else None) for t in ("gpu", "disk")}
+    ctx = make_context(model, IdTokenizer(), stores["gpu"], "5 6 7 8 9", docs, "10 11 12", wrapper)
+    packets = [stores["gpu"].get(d, wrapper) for d in docs]
+    dequantized = [p.__class__(kv=p.dequantized(model.dtype, "cpu"), doc_ids=p.doc_ids,
+                               n_header=p.n_header, n_doc=p.n_doc, n_trailer=p.n_trailer)
+                   for p in packets]
+    kv, _ = assemble(model, ctx.preamble_kv, dequantized)
+    buf = KVBuffer.allocate(model, kv.length + len(ctx.task_ids))
+    n_cached, _ = assemble_into(model, buf, ctx.preamble_kv, packets, fused=True)
+    torch.testing.assert_close(buf.keys[:, :, :n_cached], kv.keys, rtol=1e-5, atol=1e-5)
+    assert torch.equal(buf.values[:, :, :n_cached], kv.values)
+    want, _ = fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused=True)
+    on_disk = [stores["disk"].get(d, wrapper) for d in docs]
+    got, _ = pipelined_query(model, KVBuffer.allocate(model, buf.capacity), ctx.preamble_kv,
+                             on_disk, ctx.task_ids, fused=True)
+    assert torch.equal(got, want)
+    # and the compact cache is close to the full-precision one (the rounding is small)
+    full = [PacketStore(model, IdTokenizer(), "m").get(d, wrapper) for d in docs]
+    exact, _ = assemble(model, ctx.preamble_kv, full)
+    assert (kv.values - exact.values).abs().max() <= 0.1 * exact.values.abs().max()
+    assert not torch.equal(kv.values, exact.values)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packet_dtype", ["model", "fp8"])
+def test_pipelined_query_on_cuda_is_the_resident_query(packet_dtype, tmp_path):
+    """Side-stream copies and events from pinned host memory and from disk give exactly the
+    resident step's logits and buffer (fused kernels)."""
+    from kvp.bench import IdTokenizer
+
+    model = load_model("arch:llama-3.1-8b", device="cuda", config_overrides=SMALL_LLAMA)[0]
+    wrapper = PacketWrapper.init_from_embeddings(model, 8, 8, seed=1, model_name="m")
+    gen = torch.Generator().manual_seed(0)
+    docs = [" ".join(map(str, torch.randint(0, 1024, (n,), generator=gen).tolist()))
+            for n in (300, 500, 200)]
+    stores = {t: PacketStore(model, IdTokenizer(), "m", tiers=(t,), packet_dtype=packet_dtype,
+                             directory=tmp_path if t == "disk" else None)
+              for t in ("gpu", "host", "disk")}
+    ctx = make_context(model, IdTokenizer(), stores["gpu"], "5 6 7 8 9", docs, "10 11 12", wrapper)
+    resident = [stores["gpu"].get(d, wrapper) for d in docs]
+    assert resident[0].kv.keys.is_cuda
+    n = ctx.n_preamble + sum(p.kv.length for p in resident) + len(ctx.task_ids)
+    ref = KVBuffer.allocate(model, n)
+    want, _ = fast_query(model, ref, ctx.preamble_kv, resident, ctx.task_ids, fused=True)
+    for tier in ("host", "disk"):
+        packets = [stores[tier].get(d, wrapper) for d in docs]
+        assert packets[0].kv.keys.device.type == "cpu"
+        assert packets[0].kv.keys.is_pinned() == (tier == "host")
+        stores[tier].drop_page_cache()
+        buf = KVBuffer.allocate(model, n)
+        got, _ = pipelined_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused=True,
+                                 staging=Staging.allocate(model, packets, depth=2))
+        torch.cuda.synchronize()
+        assert torch.equal(got, want), tier
+        assert torch.equal(buf.keys[:, :, :n - 3], ref.keys[:, :, :n - 3])
+        assert torch.equal(buf.values[:, :, :n - 3], ref.values[:, :, :n - 3])
