@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from kvp.metrics import (
@@ -87,3 +88,20 @@ def test_breakdown_by_slot_and_depth_bin():
     table = breakdown(preds, golds, [0, 0, 1, 2])
     assert table == {0: {"f1": 0.5, "n": 2}, 1: {"f1": 1.0, "n": 1}, 2: {"f1": 0.0, "n": 1}}
     assert [depth_bin(d) for d in (0.0, 0.19, 0.2, 1.0)] == ["0.0-0.2", "0.0-0.2", "0.2-0.4", "0.8-1.0"]
+
+
+@pytest.mark.parametrize("metric", [f1_micro, f1_macro, exact_match, agreement_f1])
+def test_bootstrap_from_per_sample_sums_equals_rescoring_every_resample(metric):
+    """The fast path (sums of per-sample counts) against calling the metric on each resample."""
+    rng = np.random.default_rng(5)
+    words = ["paris", "london", "1815", "the", "physics", "", "dance"]
+    preds = [" ".join(rng.choice(words, size=rng.integers(0, 4))) for _ in range(40)]
+    golds = [[" ".join(rng.choice(words, size=rng.integers(1, 3)))] for _ in range(40)]
+    golds[3] = ["", "paris"]
+    def rescored(p, g):  # the same metric, not recognised by the fast path
+        return metric(p, g)
+    assert bootstrap_ci(preds, golds, metric, n_boot=300, seed=2) == \
+        bootstrap_ci(preds, golds, rescored, n_boot=300, seed=2)
+    other = preds[::-1]
+    assert paired_bootstrap(preds, other, golds, metric, n_boot=300, seed=4) == \
+        paired_bootstrap(preds, other, golds, rescored, n_boot=300, seed=4)

@@ -30,11 +30,11 @@ SMALL_LLAMA = dict(num_hidden_layers=3, hidden_size=256, intermediate_size=512,
 
 @pytest.fixture(scope="module")
 def wrapper(smollm):
-    return PacketWrapper.init_from_embeddings(smollm[0], 4, 4, seed=3, model_name="smollm2-135m")
+    return PacketWrapper.init_from_embeddings(smollm.model, 4, 4, seed=3, model_name="smollm2-135m")
 
 
 def store_of(smollm, tmp_path, tiers, packet_dtype="model", **kw) -> PacketStore:
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     directory = tmp_path / "packets" if "disk" in tiers else None
     return PacketStore(model, tokenizer, "smollm2-135m", directory=directory, tiers=tiers,
                        packet_dtype=packet_dtype, **kw)
@@ -49,7 +49,7 @@ def assert_same_packet(a, b):
 
 @pytest.mark.parametrize("packet_dtype", ["model", "fp8", "int8"])
 def test_every_tier_returns_the_packet_built_in_memory(smollm, wrapper, tmp_path, packet_dtype):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     want = build_packet(model, tokenizer, DOCS[0], wrapper).compacted(packet_dtype)
     for tiers in [("gpu",), ("host",), ("disk",)]:
         store = store_of(smollm, tmp_path, tiers, packet_dtype)
@@ -70,7 +70,7 @@ def test_every_tier_returns_the_packet_built_in_memory(smollm, wrapper, tmp_path
 
 
 def test_lru_moves_packets_down_the_tiers_and_refuses_an_oversized_one(smollm, wrapper, tmp_path):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     sizes = [build_packet(model, tokenizer, d, wrapper).nbytes for d in DOCS]
     store = store_of(smollm, tmp_path, ("gpu", "host", "disk"),
                      max_bytes={"gpu": max(sizes) + 1, "host": sizes[0] + sizes[1]})
@@ -112,7 +112,7 @@ def test_compact_round_trip_is_within_the_rounding_bound(packet_dtype):
 
 
 def query(smollm, store, wrapper):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     ctx = make_context(model, tokenizer, store, "Answer from the documents.", DOCS,
                        "Who studied mathematics?", wrapper)
     return ctx, [store.get(d, wrapper) for d in DOCS]
@@ -121,7 +121,7 @@ def query(smollm, store, wrapper):
 @pytest.mark.parametrize("packet_dtype", ["model", "fp8"])
 def test_pipelined_query_is_the_resident_query_from_every_tier(smollm, wrapper, tmp_path,
                                                                packet_dtype):
-    model = smollm[0]
+    model = smollm.model
     ctx, resident = query(smollm, store_of(smollm, tmp_path, ("gpu",), packet_dtype), wrapper)
     n = ctx.n_preamble + sum(p.kv.length for p in resident) + len(ctx.task_ids)
     ref = KVBuffer.allocate(model, n)

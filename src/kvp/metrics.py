@@ -126,12 +126,44 @@ def _resample(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
+def _per_sample(metric: Metric, preds: Sequence[str], golds: Sequence[Golds]):
+    """(table (n, k), combine) for a metric that is a function of per-sample sums: ``combine`` maps
+    the column sums of resamples (B, k) to their metric values (B,); ``None`` for other metrics.
+
+    Micro F1 (and agreement) sums tp/fp/fn; macro F1 and exact match average one value per sample.
+    Resampling these sums gives exactly what calling ``metric`` on each resample gives, without
+    re-scoring every answer ``n_boot`` times.
+    """
+    n = len(preds)
+    if metric in (f1_micro, agreement_f1):
+        table = np.array([(c.tp, c.fp, c.fn) for c in _pairs(preds, golds)], float).reshape(n, 3)
+
+        def combine(s: np.ndarray) -> np.ndarray:
+            denom = 2 * s[:, 0] + s[:, 1] + s[:, 2]
+            return np.where(denom > 0, 2 * s[:, 0] / np.where(denom > 0, denom, 1), 1.0)
+        return table, combine
+    if metric is f1_macro:
+        return np.array([[c.f1] for c in _pairs(preds, golds)]).reshape(n, 1), lambda s: s[:, 0] / n
+    if metric is exact_match:
+        hits = [[exact_match([p], [g])] for p, g in zip(preds, golds)]
+        return np.array(hits, float).reshape(n, 1), lambda s: s[:, 0] / n
+    return None
+
+
+def _resampled(metric: Metric, preds: list[str], golds: list, rows: np.ndarray) -> np.ndarray:
+    """``metric`` on each resample: rows (B, n) of sample indices → (B,)."""
+    fast = _per_sample(metric, preds, golds)
+    if fast is not None:
+        table, combine = fast
+        return combine(table[rows].sum(axis=1))
+    return np.array([metric([preds[i] for i in row], [golds[i] for i in row]) for row in rows])
+
+
 def bootstrap_ci(preds: Sequence[str], golds: Sequence[Golds], metric: Metric = f1_micro,
                  n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
     """(point, low, high): the metric and its percentile ``1 - alpha`` CI over resampled samples."""
     preds, golds = list(preds), list(golds)
-    stats = [metric([preds[i] for i in row], [golds[i] for i in row])
-             for row in _resample(len(preds), n_boot, seed)]
+    stats = _resampled(metric, preds, golds, _resample(len(preds), n_boot, seed))
     low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
     return metric(preds, golds), float(low), float(high)
 
@@ -148,9 +180,8 @@ def paired_bootstrap(preds_a: Sequence[str], preds_b: Sequence[str], golds: Sequ
         raise ValueError(f"lengths differ: {len(preds_a)} / {len(preds_b)} predictions, "
                          f"{len(golds)} golds; both methods must answer the same samples")
     a, b, g = list(preds_a), list(preds_b), list(golds)
-    diffs = np.array([metric([a[i] for i in row], [g[i] for i in row])
-                      - metric([b[i] for i in row], [g[i] for i in row])
-                      for row in _resample(len(g), n_boot, seed)])
+    rows = _resample(len(g), n_boot, seed)
+    diffs = _resampled(metric, a, g, rows) - _resampled(metric, b, g, rows)
     low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
     p_value = min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)))
     return metric(a, g) - metric(b, g), float(low), float(high), float(p_value)
