@@ -68,3 +68,14 @@ def test_figure_names_are_stable_for_the_primary_run():
         "latency_meta-llama-Llama-3.1-8B_43"
     with pytest.raises(ValueError, match="'press'"):
         plots.figure_name("x", press="knorm")
+
+
+def test_figures_4_and_5_name_their_sample_count():
+    scores = pd.DataFrame([dict(method=m, layer=layer, segment=seg, position_bin=b, score=float(layer + b))
+                           for m in ("no_recompute", "kv_packet") for layer in range(3)
+                           for seg in ("preamble", "header", "document", "trailer") for b in range(2)])
+    fig = plots.plot_segment_scores(scores, n_samples=7)
+    assert "N = 7 samples" in fig.get_suptitle()
+    sweep = pd.DataFrame([dict(press="knorm", ratio=r, variant=v, f1_micro=0.5 - r, n=12)
+                          for r in (0.1, 0.3) for v in ("packet", "joint")])
+    assert "N = 12 samples" in plots.plot_compression(sweep).get_suptitle()

@@ -413,11 +413,11 @@ SEGMENT_COLORS = {"preamble": "#636363", "header": "#31a354", "document": "#0851
                   "trailer": "#e6550d"}
 
 
-def plot_segment_scores(scores: pd.DataFrame) -> plt.Figure:
+def plot_segment_scores(scores: pd.DataFrame, n_samples: int | None = None) -> plt.Figure:
     """Figure 5: pre-softmax scores from the prompt to each context segment, per layer.
 
     ``scores``: ``kvp.attention.segment_scores`` rows (method, layer, segment, position_bin,
-    score), averaged over samples. One heat map per method (layers × [preamble | header |
+    score), averaged over ``n_samples`` samples (named in the title). One heat map per method (layers × [preamble | header |
     document, resampled | trailer], one colour scale), then the mean score per segment against
     the layer (solid: first method, dashed: the others).
     """
@@ -456,6 +456,8 @@ def plot_segment_scores(scores: pd.DataFrame) -> plt.Figure:
                               label=f"{seg} · {method_label(method)}")
     axes[-1].set(xlabel="layer", ylabel="mean q·k/√d", title="mean per segment")
     axes[-1].legend(frameon=False, fontsize=7)
+    if n_samples is not None:
+        fig.suptitle(f"Pre-softmax scores per segment, mean over N = {n_samples} samples", fontsize=12)
     return fig
 
 
@@ -468,7 +470,7 @@ def plot_compression(sweep: pd.DataFrame, baselines: pd.DataFrame | None = None)
     """Figure 4: F1 against the fraction of KV removed, one panel per press.
 
     ``sweep`` rows: press, ratio, variant (``kvp.compress.VARIANTS``), f1_micro and optionally
-    ci_low/ci_high. ``baselines`` (``method_summary`` rows, e.g. uncompressed KV Packet and full
+    ci_low/ci_high and n (the title names N). ``baselines`` (``method_summary`` rows, e.g. uncompressed KV Packet and full
     recompute) are drawn as dashed horizontal lines in every panel.
     """
     presses = list(dict.fromkeys(sweep["press"]))
@@ -502,6 +504,8 @@ def plot_compression(sweep: pd.DataFrame, baselines: pd.DataFrame | None = None)
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3), frameon=False)
+    if "n" in sweep:
+        fig.suptitle(f"F1 under KV compression, N = {int(sweep['n'].max())} samples", fontsize=12)
     return fig
 
 
