@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kvp import distributed
 from kvp.results import atomic_path
 from kvp.train import TrainConfig
 
@@ -133,6 +134,8 @@ def train_recipe(model_name: str, dataset: str, seeds: list[int], root: Path, de
         config = recipe(model_name, dataset, seed, variant)
         out = adapter_dir(model_name, name, seed, root)
         result = train(model, tokenizer, config, out, plot=plot)
+        if not distributed.is_main():  # rank 0 writes
+            continue
         (out / "checkpoint.pt").unlink(missing_ok=True)  # optimiser state: not shipped
         command = (f"python -m kvp.adapters train --model {model_name} --dataset {dataset} "
                    f"--seeds {seed}" + (f" --variant {variant}" if variant else ""))
@@ -248,7 +251,7 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
         done = pd.concat(done, ignore_index=True)
         done = done.sort_values("sample_id", key=lambda ids: ids.map(order), kind="stable")
         parts.append(done.reset_index(drop=True))
-        if rows_path is not None:
+        if rows_path is not None and distributed.is_main():
             write_rows(rows_path, merge_rows(everything, pd.concat(parts, ignore_index=True)
                                              .assign(split_shift=shift)))
         return parts[-1]
@@ -544,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--wrappers", nargs="+", default=None,
                     help="adapters to compare, e.g. niah-seed0 niah-seed1 mixture-seed0 "
                     "(default: DATASET-seed0)")
-    ev.add_argument("--n", type=int, default=100, help="test samples (seed 42)")
+    ev.add_argument("--n", "--n-samples", type=int, default=100,
+                    help="test samples (seed 42); under torchrun write --n-samples")
     ev.add_argument("--max-new-tokens", type=int, default=None,
                     help="decoding budget (default: the dataset's)")
     ev.add_argument("--root", type=Path, default=ADAPTER_DIR, help="where the adapters are read")
@@ -586,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(err))
         table = evaluate_adapters(args.model, args.dataset, args.shift, args.n, args.wrappers,
                                   args.root, args.max_new_tokens, rows, args.dtype)
+        if not distributed.is_main():  # every rank has the merged rows; rank 0 writes
+            return 0
         append_results(table, results)
         print(table.to_string(index=False))
         print(f"wrote {results} and {rows}")
@@ -620,4 +626,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with distributed.process_group():  # torchrun: train / evaluate sharded across ranks
+        raise SystemExit(main())
