@@ -19,6 +19,7 @@ from kvp import distributed
 from kvp.adapters import main as adapters_main
 from kvp.evaluate import main as evaluate_main
 from kvp.packet import PacketWrapper
+from kvp.scaling import ScalingSpec, run as run_scaling
 from kvp.train import TrainConfig, initial_wrapper, teacher_examples, train, training_samples
 
 FIXTURE = Path(__file__).parent / "fixtures" / "user_samples.jsonl"
@@ -137,3 +138,14 @@ def test_checkpoint_of_two_processes_resumes_in_one(smollm, one_process, tmp_pat
     assert resumed.record["world_size"] == 1
     torch.testing.assert_close(resumed.wrapper.header, one.wrapper.header, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(resumed.wrapper.trailer, one.wrapper.trailer, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_runs_on_cpu(tmp_path):
+    spec = ScalingSpec(model="smollm2-135m", train_samples=2, epochs=1, batch_size=2,
+                       micro_batch=1, max_new_tokens=4, eval_samples=2, device="cpu")
+    table = run_scaling(spec, [2, 1], tmp_path / "scaling.csv", tmp_path / "work")
+    assert list(table.world_size) == [1, 2]
+    assert pd.read_csv(tmp_path / "scaling.csv").eval_rows_identical.all()
+    assert (table.train_sample_passes_per_s > 0).all() and (table.eval_samples_per_s > 0).all()
+    assert table.wrapper_max_abs_diff.iloc[1] < 1e-4 and table.train_efficiency.iloc[0] == 1
