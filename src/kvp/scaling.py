@@ -164,7 +164,10 @@ def run(spec: ScalingSpec, world_sizes: list[int], out: Path, work: Path) -> pd.
             and max(world_sizes) > torch.cuda.device_count():
         raise ValueError(f"world size {max(world_sizes)} exceeds the {torch.cuda.device_count()} "
                          "visible GPUs; drop it from --world-sizes")
-    spec.train_config()  # a bad recipe or size fails here, not in every worker
+    from kvp.adapters import load_adapter
+
+    spec.train_config()  # a bad recipe, size or missing adapter fails here, not in every worker
+    load_adapter(spec.model, spec.dataset)
     work.mkdir(parents=True, exist_ok=True)
     with atomic_path(work / "spec.json") as tmp:
         tmp.write_text(json.dumps(asdict(spec), indent=1) + "\n")
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                        eval_samples=args.eval_samples, device=args.device)
     try:
         frame = run(spec, args.world_sizes, args.out, args.work)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     print(frame[["world_size", "train_sample_passes_per_s", "train_efficiency",
                  "eval_samples_per_s", "eval_efficiency", "wrapper_max_abs_diff",
