@@ -17,11 +17,11 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kvp"
 
 # Lowest first. A package (methods/, data/) is one unit.
 LAYERS = [
-    ("kvp", "models", "rope", "flops", "metrics", "results", "generate", "compact"),
+    ("kvp", "models", "rope", "flops", "metrics", "results", "generate", "compact", "distributed"),
     ("cache", "packet", "blockmask", "recompute"),
     ("methods", "data"),
     ("evaluate", "attention", "compress", "train", "query_step", "kernels", "bench", "adapters",
-     "params"),
+     "params", "scaling"),
     ("plots",),
     ("viewer", "widgets"),
     ("report", "pipeline", "compact_eval"),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kvp import distributed
 from kvp.models import load_model
 from kvp.packet import PacketWrapper
 from kvp.results import atomic_path
@@ -131,6 +132,8 @@ def train_recipe(model_name: str, dataset: str, seeds: list[int], root: Path, de
         config = recipe(model_name, dataset, seed, variant)
         out = adapter_dir(model_name, name, seed, root)
         result = train(model, tokenizer, config, out)
+        if not distributed.is_main():  # rank 0 writes
+            continue
         (out / "checkpoint.pt").unlink(missing_ok=True)  # optimiser state: not shipped
         command = (f"python -m kvp.adapters train --model {model_name} --dataset {dataset} "
                    f"--seeds {seed}" + (f" --variant {variant}" if variant else ""))
@@ -167,4 +170,5 @@ if __name__ == "__main__":
     # The command line trains and grades: it is the report's, one layer above this registry.
     from kvp.report import main
 
-    raise SystemExit(main())
+    with distributed.process_group():  # torchrun: train / evaluate sharded across ranks
+        raise SystemExit(main())

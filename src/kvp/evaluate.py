@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from kvp import distributed
 from kvp.data import Sample, load_dataset
 from kvp.data.prompts import build_segments, dataset_of, extract_answer, generation_config
 from kvp.methods import Method, QueryContext, make_context, run_method
@@ -89,21 +90,28 @@ def evaluate(model, tokenizer, samples: list[Sample], methods: list[Method],
     first run would otherwise inflate the first method's TTFT); ``rows.attrs["warmup_s"]`` is its
     wall time. A sample that fails raises :class:`SampleError` naming its id (and the document
     index where a document is at fault), with the rows finished before it in ``error.rows``.
+
+    Under torchrun (:mod:`kvp.distributed`) each rank evaluates its shard of the samples (warming
+    up on its own first one) and every rank returns the rows of all samples, in sample order: the
+    rows of one process, timings aside.
     """
     store = store or PacketStore(model, tokenizer, settings.model_name)
     if wrapper is not None:
         wrapper.check_model(model, settings.model_name)
     warn_on_transfer(wrapper, samples)
-    rows = []
+    rows, row_samples = [], []
     warmup_s = 0.0
-    bar = tqdm(total=len(samples) * len(methods), desc="evaluate", disable=not settings.progress)
-    for index, sample in enumerate(samples):
+    mine = distributed.shard(len(samples))
+    bar = tqdm(total=len(mine) * len(methods), desc="evaluate",
+               disable=not settings.progress or not distributed.is_main())
+    for index in mine:
+        sample = samples[index]
         try:
             check_documents(model, tokenizer, sample, wrapper)
             dataset = dataset_of(sample, None)
             config = generation_config(tokenizer, dataset, settings.max_new_tokens)
             ctx = sample_context(model, tokenizer, store, sample, wrapper)
-            if settings.warmup and index == 0:
+            if settings.warmup and index == mine[0]:
                 t0 = time.perf_counter()
                 for method in methods:
                     run_method(method, ctx, generation_config(tokenizer, dataset, 1))
@@ -120,6 +128,7 @@ def evaluate(model, tokenizer, samples: list[Sample], methods: list[Method],
                               "drop this sample and run again", sample.id, pd.DataFrame(rows)
                               ) from err
         for result in results:
+            row_samples.append(index)
             answer = extract_answer(result.answer, dataset)
             counts = token_f1(answer, sample.answers)
             rows.append({
@@ -133,7 +142,7 @@ def evaluate(model, tokenizer, samples: list[Sample], methods: list[Method],
                 **{f"meta_{k}": v for k, v in sample.meta.items()},
             })
     bar.close()
-    out = pd.DataFrame(rows)
+    out = pd.DataFrame(distributed.gather_by_index(row_samples, rows))
     out.attrs["warmup_s"] = warmup_s
     return out
 
@@ -183,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", default="shipped:biography",
                         help=f"wrapper for kv_packet: {WRAPPER_SPECS}")
     parser.add_argument("--adapter-seed", type=int, default=0, help="seed of a shipped adapter")
-    parser.add_argument("--n", type=int, default=None, help="first N samples (default: all)")
+    parser.add_argument("--n", "--n-samples", type=int, default=None,
+                        help="first N samples (default: all); under torchrun write --n-samples")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="decoding budget (default: the jsonl dataset's, 64)")
     parser.add_argument("--recompute-ratios", type=float, nargs="+", default=[0.3],
@@ -202,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = method_grid(args.methods, args.recompute_ratios, args.epic_tokens)
     except ValueError as err:
         parser.error(str(err))
-    model, tokenizer, spec = load_model(args.model)
+    model, tokenizer, spec = load_model(args.model)  # under torchrun: this rank's GPU
     spec.require_trained()
     wrapper = (load_wrapper(args.adapter, model, args.model, "jsonl", args.adapter_seed)
                if "kv_packet" in args.methods else None)
@@ -216,9 +226,12 @@ def main(argv: list[str] | None = None) -> int:
             err.rows.to_csv(tmp, index=False)
         print(f"error: {err}\nfinished rows: {args.out / 'samples.partial.csv'}", file=sys.stderr)
         return 1
+    encoded = int(distributed.all_reduce_sum([store.n_encoded])[0])
+    if not distributed.is_main():
+        return 0
     summary = method_summary(rows, seed=args.seed)
     write_run_results(args.out, summary, config, {"n_samples": len(samples),
-                                                   "packets_encoded": store.n_encoded})
+                                                   "packets_encoded": encoded})
     with atomic_path(args.out / "samples.csv") as tmp:
         rows.to_csv(tmp, index=False)
     print(summary.round(3).to_string(index=False))
@@ -227,4 +240,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with distributed.process_group():  # torchrun: one rank per process; otherwise one process
+        raise SystemExit(main())

@@ -18,6 +18,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from kvp import distributed
 from kvp.adapters import (ADAPTER_DIR, NIAH_OPTIONS, RECIPES, SWEEP, adapter_of, load_adapter,
                           parse_adapter, sweep_variant, train_recipe)
 from kvp.data import load_dataset
@@ -115,7 +116,7 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
         done = pd.concat(done, ignore_index=True)
         done = done.sort_values("sample_id", key=lambda ids: ids.map(order), kind="stable")
         parts.append(done.reset_index(drop=True))
-        if rows_path is not None:
+        if rows_path is not None and distributed.is_main():
             write_rows(rows_path, merge_rows(everything, pd.concat(parts, ignore_index=True)
                                              .assign(split_shift=shift)))
         return parts[-1]
@@ -444,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--wrappers", nargs="+", default=None,
                     help="adapters to compare, e.g. niah-seed0 niah-seed1 mixture-seed0 "
                     "(default: DATASET-seed0)")
-    ev.add_argument("--n", type=int, default=100, help="test samples (seed 42)")
+    ev.add_argument("--n", "--n-samples", type=int, default=100,
+                    help="test samples (seed 42); under torchrun write --n-samples")
     ev.add_argument("--max-new-tokens", type=int, default=None,
                     help="decoding budget (default: the dataset's)")
     ev.add_argument("--root", type=Path, default=ADAPTER_DIR, help="where the adapters are read")
@@ -488,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(err))
         table = evaluate_adapters(args.model, args.dataset, args.shift, args.n, args.wrappers,
                                   args.root, args.max_new_tokens, rows, args.dtype)
+        if not distributed.is_main():  # every rank has the merged rows; rank 0 writes
+            return 0
         append_results(table, results)
         print(table.to_string(index=False))
         print(f"wrote {results} and {rows}")

@@ -13,6 +13,11 @@
   ``batch_size`` samples, seeded; bf16 autocast on CUDA (``autocast=False``: fp32), fp32 on CPU.
 * **Checkpoints**: every ``checkpoint_every`` optimiser steps, atomically; ``resume`` continues
   bit-for-bit on CPU because the sample order of each epoch depends only on (seed, epoch).
+* **Several processes** (torchrun, :mod:`kvp.distributed`): each rank generates its shard of the
+  teacher targets into the shared cache, then reads them all; each step, a rank computes the
+  gradient of its share of the batch and the header and trailer gradients are summed over ranks,
+  so W ranks train the wrapper of one process with the same ``batch_size`` (to float tolerance).
+  Rank 0 writes checkpoints and outputs; a checkpoint resumes at any world size.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 import kvp
+from kvp import distributed
 from kvp.blockmask import block_forward_batch
 from kvp.data import Sample, load_dataset, seeded_rng
 from kvp.data.prompts import build_segments, dataset_of, generation_config, segment_ids
@@ -202,18 +208,33 @@ def teacher_example(model, tokenizer, sample: Sample, config: TrainConfig) -> Ex
 
 def teacher_examples(model, tokenizer, samples: list[Sample], config: TrainConfig,
                      cache_dir: Path | None, progress: bool = True) -> list[Example]:
-    """Teacher examples for every sample, read from / written to ``cache_dir`` when given."""
+    """Teacher examples for every sample, read from / written to ``cache_dir`` when given.
+
+    Under torchrun with a ``cache_dir`` (shared by the ranks), each rank first generates the
+    missing examples of its shard of ``samples``; after a barrier, every rank reads them all.
+    """
+    def path_of(sample: Sample) -> Path | None:
+        return cache_dir / f"{_teacher_key(config.model, sample, config)}.pt" if cache_dir else None
+
+    def generate(sample: Sample) -> Example:
+        example = teacher_example(model, tokenizer, sample, config)
+        if cache_dir is not None:
+            with atomic_path(path_of(sample)) as tmp:  # unique temp name: ranks share the cache
+                torch.save(example.__dict__, tmp)
+        return example
+
+    progress = progress and distributed.is_main()
+    if cache_dir is not None and distributed.world_size() > 1:
+        mine = [samples[i] for i in distributed.shard(len(samples))]
+        for sample in tqdm([s for s in mine if not path_of(s).exists()], desc="teacher shard",
+                           disable=not progress):
+            generate(sample)
+        distributed.barrier()
     out = []
     for sample in tqdm(samples, desc="teacher", disable=not progress):
-        path = cache_dir / f"{_teacher_key(config.model, sample, config)}.pt" if cache_dir else None
-        if path is not None and path.exists():
-            out.append(Example(**torch.load(path)))
-            continue
-        example = teacher_example(model, tokenizer, sample, config)
-        if path is not None:
-            with atomic_path(path) as tmp:  # unique temp name: processes may share the cache
-                torch.save(example.__dict__, tmp)
-        out.append(example)
+        path = path_of(sample)
+        out.append(Example(**torch.load(path)) if path is not None and path.exists()
+                   else generate(sample))
     return out
 
 
@@ -262,12 +283,15 @@ def chunks(items: list, size: int) -> list[list]:
 def validation_loss(model, wrapper: PacketWrapper, examples: list[Example], loss: str = "kl",
                     micro_batch: int = 1) -> dict[str, float]:
     """Mean per-example loss of ``wrapper`` over ``examples`` (``loss``) and its share at the
-    first answer token (``first``, where the model picks the entity); no gradients."""
+    first answer token (``first``, where the model picks the entity); no gradients. Under torchrun
+    each rank scores its shard of ``examples`` and the sums are all-reduced."""
     total = first = 0.0
-    for part in chunks(examples, micro_batch):
+    mine = [examples[i] for i in distributed.shard(len(examples))]
+    for part in chunks(mine, micro_batch):
         for per_position in batch_losses(model, wrapper, part, loss):
             total += per_position.sum().item()
             first += per_position[0].item()
+    total, first = distributed.all_reduce_sum([total, first])
     return {"loss": total / len(examples), "first": first / len(examples)}
 
 
@@ -360,6 +384,9 @@ def train(model, tokenizer, config: TrainConfig, out_dir: str | Path, progress: 
     ``val_examples``) are given. With validation, the saved wrapper is the one of the validation
     pass with the lowest loss (``record["best_step"]``). Stops with the step number on a NaN loss,
     leaving the last good checkpoint intact. The base model stays frozen.
+
+    Under torchrun every rank calls this with its own model replica (module docstring); rank 0
+    writes the files, and on return they are all written.
     """
     out_dir = Path(out_dir)
     device = model.device
@@ -385,7 +412,7 @@ def train(model, tokenizer, config: TrainConfig, out_dir: str | Path, progress: 
     step, losses, best, started = 0, [], None, time.time()
     ckpt = out_dir / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=device)
         diff = config_differences(state["config"], config.to_dict())
         if diff:
             raise ValueError(f"checkpoint {ckpt} was made with another config ({'; '.join(diff)}); "
@@ -396,7 +423,8 @@ def train(model, tokenizer, config: TrainConfig, out_dir: str | Path, progress: 
         step, losses, best = state["step"], state["losses"], state.get("best")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=config.autocast and device.type == "cuda")
-    bar = tqdm(total=config.total_steps, initial=step, desc="train", disable=not progress)
+    bar = tqdm(total=config.total_steps, initial=step, desc="train",
+               disable=not progress or not distributed.is_main())
     try:
         with matmul_precision(config.tf32 and device.type == "cuda"):
             while step < config.total_steps:
@@ -405,9 +433,10 @@ def train(model, tokenizer, config: TrainConfig, out_dir: str | Path, progress: 
                 seeded_rng("train-order", config.seed, epoch).shuffle(order)
                 batch = order[k * config.batch_size:(k + 1) * config.batch_size]
                 batch.sort(key=lambda i: examples[i].length)  # micro-batches of similar length
+                mine = [batch[i] for i in distributed.shard(len(batch))]  # this rank's share
                 opt.zero_grad(set_to_none=True)
                 total = 0.0
-                for part in chunks(batch, config.micro_batch):
+                for part in chunks(mine, config.micro_batch):
                     with autocast:
                         per_example = batch_losses(model, wrapper, [examples[i] for i in part],
                                                    config.loss)
@@ -417,6 +446,8 @@ def train(model, tokenizer, config: TrainConfig, out_dir: str | Path, progress: 
                                                  f"last good checkpoint ({ckpt}) is intact — lower lr")
                     loss.backward()
                     total += loss.item()
+                distributed.all_reduce_gradients(wrapper.parameters())  # the whole batch's gradient
+                total = distributed.all_reduce_sum([total])[0]
                 opt.step()
                 if not all(torch.isfinite(p).all() for p in wrapper.parameters()):
                     raise FloatingPointError(f"the wrapper became non-finite at step {step + 1}; "
@@ -438,7 +469,8 @@ def train(model, tokenizer, config: TrainConfig, out_dir: str | Path, progress: 
                 bar.set_postfix(loss=f"{total:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}",
                                 **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
                 bar.update()
-                if step % config.checkpoint_every == 0 or step == config.total_steps:
+                if distributed.is_main() and (step % config.checkpoint_every == 0
+                                              or step == config.total_steps):
                     save_checkpoint(ckpt, {"config": config.to_dict(),
                                            "wrapper": wrapper.state_dict(),
                                            "optimizer": opt.state_dict(),
@@ -455,7 +487,8 @@ def train(model, tokenizer, config: TrainConfig, out_dir: str | Path, progress: 
               "teacher_topk_mass": teacher_mass(examples),
               "kvp_version": kvp.__version__, "git_commit": git_commit(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "wall_s": round(time.time() - started, 1), "n_examples": len(examples)}
+              "wall_s": round(time.time() - started, 1), "n_examples": len(examples),
+              "world_size": distributed.world_size()}
     if best is not None:
         wrapper.load_state_dict(best["wrapper"])
         record.update(best_step=best["step"], best_val_loss=best["val_loss"],
@@ -464,8 +497,10 @@ def train(model, tokenizer, config: TrainConfig, out_dir: str | Path, progress: 
                       val_teacher_truncated=teacher_truncated(val_examples, config))
     wrapper.record = record
     wrapper.model_name = config.model
-    wrapper.save(out_dir / "wrapper.safetensors")
-    write_loss_csv(out_dir / "loss.csv", losses)
+    if distributed.is_main():
+        wrapper.save(out_dir / "wrapper.safetensors")
+        write_loss_csv(out_dir / "loss.csv", losses)
+    distributed.barrier()
     return TrainResult(wrapper, losses, record)
 
 
@@ -539,9 +574,10 @@ def main(argv: list[str] | None = None, draw_loss=None) -> int:
                                         dtype="float32")  # fp32 master weights; bf16 autocast on CUDA
     spec.require_trained()
     result = train(model, tokenizer, config, out)
-    if draw_loss is not None and not no_plot:
-        draw_loss(out, config.title)
-    print(json.dumps(result.record, indent=1))
+    if distributed.is_main():
+        if draw_loss is not None and not no_plot:
+            draw_loss(out, config.title)
+        print(json.dumps(result.record, indent=1))
     return 0
 
 
@@ -549,4 +585,5 @@ if __name__ == "__main__":
     # The command line draws the loss figure too: plotting sits above training (kvp.plots).
     from kvp.plots import save_loss_figure
 
-    raise SystemExit(main(draw_loss=save_loss_figure))
+    with distributed.process_group():  # torchrun: data-parallel training across ranks
+        raise SystemExit(main(draw_loss=save_loss_figure))
