@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kvp import distributed
-from kvp.adapters import main as adapters_main
+from kvp.report import main as adapters_main
 from kvp.evaluate import main as evaluate_main
 from kvp.packet import PacketWrapper
 from kvp.scaling import ScalingSpec, run as run_scaling
@@ -87,18 +87,17 @@ def test_sharded_adapter_evaluation_equals_one_process(tmp_path):
 @pytest.fixture(scope="module")
 def one_process(smollm, tmp_path_factory):
     """The TINY run in this process: (config, teacher cache, examples, result)."""
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     config = TrainConfig(**TINY)
     root = tmp_path_factory.mktemp("one")
     examples = teacher_examples(model, tokenizer, training_samples(config), config,
                                 root / "teacher", progress=False)
-    result = train(model, tokenizer, config, root / "run", progress=False, examples=examples,
-                   plot=False)
+    result = train(model, tokenizer, config, root / "run", progress=False, examples=examples)
     return config, root / "teacher", examples, result
 
 
 def test_two_processes_train_the_wrapper_of_one(smollm, one_process, tmp_path):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     config, teacher, examples, one = one_process
     run_two("kvp.train", train_flags(tmp_path / "run"))
     # teacher targets: generated once, half by each rank, the same as one process's
@@ -120,7 +119,7 @@ def test_two_processes_train_the_wrapper_of_one(smollm, one_process, tmp_path):
 
 
 def test_checkpoint_of_two_processes_resumes_in_one(smollm, one_process, tmp_path):
-    model, tokenizer, _ = smollm
+    model, tokenizer = smollm.model, smollm.tokenizer
     config, teacher, examples, one = one_process
     (tmp_path / "teacher").symlink_to(teacher, target_is_directory=True)  # reuse the targets
     run = tmp_path / "run"
@@ -133,7 +132,7 @@ def test_checkpoint_of_two_processes_resumes_in_one(smollm, one_process, tmp_pat
     proc.wait(timeout=120)
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert 1 <= state["step"] < config.total_steps, "the run was not interrupted mid-way"
-    resumed = train(model, tokenizer, config, run, progress=False, examples=examples, plot=False)
+    resumed = train(model, tokenizer, config, run, progress=False, examples=examples)
     assert [r["step"] for r in resumed.losses] == list(range(1, config.total_steps + 1))
     assert resumed.record["world_size"] == 1
     torch.testing.assert_close(resumed.wrapper.header, one.wrapper.header, atol=1e-4, rtol=1e-3)

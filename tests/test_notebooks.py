@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvp.pipeline import NOTEBOOKS
+from kvp.pipeline import NOTEBOOKS, IPCKernelManager
 from kvp.results import CONFIG_FILE, METRICS_FILE, RESULTS_FILE, read_run_results
 
 pytestmark = pytest.mark.notebook
@@ -43,7 +43,8 @@ def execute(name: str, params: dict, tmp_path: Path, cwd: Path = ROOT) -> tuple[
     papermill.execute_notebook(
         str(ROOT / "notebooks" / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
         parameters={**params, "OUT_DIR": str(out_dir), "FIG_DIR": str(fig_dir)},
-        kernel_name="python3", cwd=str(cwd), progress_bar=False, log_output=False)
+        kernel_name="python3", cwd=str(cwd), progress_bar=False, log_output=False,
+        kernel_manager_class=IPCKernelManager)
     return out_dir, fig_dir
 
 

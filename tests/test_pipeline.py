@@ -233,3 +233,17 @@ def test_dry_run_checks_types_method_settings_and_data_files(params, message, tm
     profile = profile_of({"notebooks": {"03_evaluate": {"params": params}}})
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(profile, profile.runs(tmp_path), ROOT / "notebooks", need_files=False)
+
+
+def test_kernels_talk_over_ipc_and_do_not_warn_about_tcp(tmp_path, capfd):
+    nbformat = pytest.importorskip("nbformat")
+    papermill = pytest.importorskip("papermill")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "t.ipynb")
+    out = papermill.execute_notebook(str(tmp_path / "t.ipynb"), str(tmp_path / "o.ipynb"),
+                                     kernel_name="python3", cwd=str(tmp_path), progress_bar=False,
+                                     log_output=True, kernel_manager_class=pipeline.IPCKernelManager)
+    assert out.cells[0].outputs[0]["text"].strip() == "42"
+    assert "without encryption" not in "".join(capfd.readouterr())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.ipynb", "t.ipynb"]  # no socket files

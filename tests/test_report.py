@@ -9,9 +9,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from kvp.adapters import ADAPTER_DIR, BIOGRAPHY_CHOICE
+from kvp.adapters import ADAPTER_DIR, BIOGRAPHY_CHOICE, SHIFTS, load_adapter
 from kvp.metrics import agreement_f1
-from kvp.report import (SHIFTS, append_results, check_rows_budget, evaluate_adapters, main,
+from kvp.packet import PacketWrapper
+from kvp.report import (append_results, check_rows_budget, evaluate_adapters, main,
                         paired_agreement, plot_adapter_results, read_rows, results_from_rows,
                         results_markdown, seed_summary, seed_summary_markdown, sweep_table)
 
@@ -152,3 +153,26 @@ def test_adapter_results_figure_has_one_column_per_cell():
                  .drop_duplicates(["method", "a"]))
     assert len(first.patches) == n_bars
     plt.close(fig)
+
+
+def test_a_retrained_adapter_of_the_same_name_is_evaluated_again(tmp_path, smollm):
+    """Rows are reused only for the same wrapper tensors, not for the same adapter name."""
+    root = tmp_path / "adapters"
+    shutil.copytree(ADAPTER_DIR / "smollm2-135m" / "biography-seed0",
+                    root / "smollm2-135m" / "biography-seed0")
+    rows_path = tmp_path / "rows.csv.gz"
+    evaluate_adapters("smollm2-135m", "biography", "none", n=1, root=root, max_new_tokens=6,
+                      rows_path=rows_path)
+    first = read_rows(rows_path)
+    shipped = load_adapter("smollm2-135m", "biography", 0, root)
+    assert set(first[first.method == "kv_packet"].wrapper_fingerprint) == {shipped.fingerprint()}
+    retrained = PacketWrapper.init_from_embeddings(smollm.model, shipped.h, shipped.t, seed=9,
+                                                   model_name="smollm2-135m")
+    retrained.save(root / "smollm2-135m" / "biography-seed0" / "wrapper.safetensors")
+    evaluate_adapters("smollm2-135m", "biography", "none", n=1, root=root, max_new_tokens=6,
+                      rows_path=rows_path)
+    second = read_rows(rows_path)
+    kv = second[second.method == "kv_packet"]
+    assert len(second) == len(first) == 3 and list(kv.wrapper_fingerprint) == [retrained.fingerprint()]
+    base = lambda t: t[t.method != "kv_packet"].ttft_ms.tolist()  # noqa: E731
+    assert base(second) == pytest.approx(base(first))  # the baselines were reused, not re-timed

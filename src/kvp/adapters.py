@@ -23,6 +23,16 @@ ADAPTER_DIR = Path(__file__).resolve().parents[2] / "data" / "adapters"
 
 # Context sizes the 135M/0.5B models handle on a CPU: NIAH at ~1.5K tokens in ≤1000-char chunks.
 NIAH_OPTIONS = {"context_tokens": 1536, "chunk_chars": 1000}
+
+# Held-out context shifts (training used 2/3/5/7 documents, uniform slots, normal lengths).
+SHIFTS: dict[str, dict[str, dict]] = {
+    "biography": {"none": {"num_docs": 5}, "docs10": {"num_docs": 10},
+                  "last_slot": {"num_docs": 5, "target_slot": -1},
+                  "long_docs": {"num_docs": 5, "doc_length_factor": 2.0}},
+    "niah": {"none": NIAH_OPTIONS,
+             "long_docs": {**NIAH_OPTIONS, "chunk_chars": 2000},
+             "long_context": {**NIAH_OPTIONS, "context_tokens": 3072}},
+}
 NIAH_TRAIN_OPTIONS = {"context_tokens": 1536, "chunk_chars": 1000, "variant": "single"}
 
 # The recipe sweep (data/adapters/README.md, "Recipe sweep"): a base recipe and named one-factor

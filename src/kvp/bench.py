@@ -450,16 +450,10 @@ def _bench_variant(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, vari
                 return fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused,
                                   projections)[0]
         else:
-            n_cached, start = assemble_into(model, buf, ctx.preamble_kv, packets, fused)
-            graph = PromptGraph(model, buf, n_cached, n_task, start, fused, projections)
-
-            def step():
-                ids = ctx.task_ids.to(device)
-                assemble_into(model, buf, ctx.preamble_kv, packets, fused)
-                return graph(ids)
+            step = graph_step(model, buf, ctx, packets, fused, projections)
         check = _compare(step, plain)
         times = time_runs(step, device, cfg.warmup, cfg.repeats, cfg.min_repeats, cfg.max_seconds)
-        graph = None
+        step = None  # frees the captured graph
 
     def median_ms(fn) -> float:
         return 1e3 * statistics.median(time_runs(fn, device, 1, cfg.repeats, cfg.min_repeats,
@@ -469,6 +463,19 @@ def _bench_variant(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, vari
     copies = median_ms(lambda: copy_chunks(buf, [ctx.preamble_kv] + [p.kv for p in packets], fused))
     return row("kv_packet", "", variant, times, plain["flops"], plain["cached"],
                assembly_ms=assembly, rotation_ms=assembly - copies, **check)
+
+
+def graph_step(model, buf: KVBuffer, ctx: QueryContext, packets, fused: bool, projections):
+    """The timed step of the CUDA-graph variants: assemble ``packets`` into ``buf``, then replay
+    the prompt step captured once here; returns the step (it holds the graph)."""
+    n_cached, start = assemble_into(model, buf, ctx.preamble_kv, packets, fused)
+    graph = PromptGraph(model, buf, n_cached, len(ctx.task_ids), start, fused, projections)
+
+    def step():
+        ids = ctx.task_ids.to(model.device)
+        assemble_into(model, buf, ctx.preamble_kv, packets, fused)
+        return graph(ids)
+    return step
 
 
 def bench_tier(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant: str, tier: str,
@@ -488,13 +495,7 @@ def bench_tier(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant:
         buf = KVBuffer.allocate(model, plain["cached"] + n_task)
         with fused_projections(model, fused) as projections:
             if tier == "gpu" and "graph" in variant:
-                n_cached, start = assemble_into(model, buf, ctx.preamble_kv, packets, fused)
-                graph = PromptGraph(model, buf, n_cached, n_task, start, fused, projections)
-
-                def step():
-                    ids = ctx.task_ids.to(device)
-                    assemble_into(model, buf, ctx.preamble_kv, packets, fused)
-                    return graph(ids)
+                step = graph_step(model, buf, ctx, packets, fused, projections)
             elif tier == "gpu":
                 def step():
                     return fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused,
@@ -509,7 +510,7 @@ def bench_tier(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant:
             check = _compare(step, plain)
             times = time_runs(step, device, cfg.warmup, cfg.repeats, cfg.min_repeats,
                               cfg.max_seconds, setup)
-            graph = staging = None
+            step = staging = None  # frees the captured graph and the staging slots
         moved = sum(p.nbytes for p in packets) if tier != "gpu" else 0
         return row("kv_packet", "", variant, times, plain["flops"], plain["cached"], tier=tier,
                    packet_dtype=packet_dtype, transfer_bytes=moved, **check)

@@ -155,7 +155,7 @@ def check_params(values: Mapping[str, Any], schema: Mapping[str, Any] | None = N
             raise ConfigError("no annotated parameters: declare them as `NAME: type = value` in "
                               "the cell tagged 'parameters', or pass schema=")
     unknown = [k for k, v in values.items() if re.fullmatch(r"[A-Z][A-Z0-9_]*", k)
-               and k not in schema and k != "SCHEMA" and _injectable(v) and not _imported(k, v)]
+               and k not in schema and _injectable(v) and not _imported(k, v)]
     if unknown:
         raise ConfigError(f"unknown parameter {unknown[0]}; this notebook's parameters: "
                           f"{sorted(schema)}. Correct the name (papermill -p NAME VALUE).")

@@ -33,7 +33,6 @@ counts, failures) are written into ``results/<profile>/``; the exit code is 1 if
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import itertools
 import json
@@ -50,10 +49,12 @@ from typing import Any
 
 import papermill
 import yaml
+from jupyter_client.manager import AsyncKernelManager
 from tqdm.auto import tqdm
+from traitlets import default
 
 from kvp import __version__
-from kvp.params import (ANNOTATION_NAMES, REPO_ROOT, ConfigError, check_params, dataset_options,
+from kvp.params import (REPO_ROOT, ConfigError, check_params, dataset_options,
                         method_grid, parameters_cell, repo_path, validate_params)
 from kvp.results import DONE_FILE, atomic_path, collect_summary, write_json
 
@@ -193,23 +194,12 @@ def load_profile(name: str, config_dir: str | Path = "configs") -> Profile:
 
 
 def notebook_schema(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(defaults, types) of the notebook's ``parameters`` cell (:func:`kvp.params.parameters_cell`);
-    a cell of plain ``NAME = value`` lines takes its types from a ``SCHEMA = {...}`` dict of a
-    later cell, and an empty schema when there is none."""
+    """(defaults, types) of the notebook's ``parameters`` cell (:func:`kvp.params.parameters_cell`)."""
     cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     if len(tagged) != 1:
         raise ConfigError(f"{path}: {len(tagged)} cells are tagged 'parameters'; tag exactly one")
-    defaults, schema = parameters_cell("".join(tagged[0]["source"]), f"{path}, parameters cell")
-    if schema:
-        return defaults, schema
-    for cell in cells:
-        for node in ast.parse("".join(cell["source"])).body:
-            if (isinstance(node, ast.Assign) and len(node.targets) == 1
-                    and getattr(node.targets[0], "id", None) == "SCHEMA"):
-                return defaults, eval(compile(ast.Expression(node.value), str(path), "eval"),  # noqa: S307
-                                      {"__builtins__": {}}, ANNOTATION_NAMES)
-    return defaults, {}
+    return parameters_cell("".join(tagged[0]["source"]), f"{path}, parameters cell")
 
 
 def check_run_values(values: Mapping[str, Any], schema: Mapping[str, Any], where: str) -> None:
@@ -295,6 +285,16 @@ def _write_log(run: Run, notebook: Path, error: BaseException | None) -> Path:
     return log
 
 
+class IPCKernelManager(AsyncKernelManager):
+    """Kernels that talk to papermill over local IPC sockets (files in Jupyter's runtime
+    directory) instead of TCP ports: nothing listens on the network, and the kernel no longer
+    warns once per notebook that its TCP traffic is unencrypted."""
+
+    @default("transport")
+    def _default_transport(self) -> str:
+        return "ipc"
+
+
 def execute_run(run: Run, notebook_dir: Path, force: bool = False) -> Outcome:
     """Execute one run unless already done; the executed notebook appears only when complete."""
     done = run.out_dir / DONE_FILE
@@ -308,7 +308,8 @@ def execute_run(run: Run, notebook_dir: Path, force: bool = False) -> Outcome:
     try:
         papermill.execute_notebook(str(notebook_dir / f"{run.notebook}.ipynb"), str(partial),
                                    parameters=run.params, kernel_name=KERNEL, cwd=str(Path.cwd()),
-                                   log_output=False, progress_bar=False)
+                                   log_output=False, progress_bar=False,
+                                   kernel_manager_class=IPCKernelManager)
     except Exception as error:  # any failure of the notebook is reported, the matrix goes on
         log = _write_log(run, partial, error)
         if partial.exists():

@@ -622,54 +622,6 @@ def plot_tier_latency(bench: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def plot_adapter_results(results: pd.DataFrame) -> plt.Figure:
-    """The shipped adapters' table as small multiples: one column per (dataset, shift), F1 (with
-    95% CIs) on top and agreement with full recompute below. KV Packet bars are the mean over
-    wrapper seeds, each seed a dot; the mixture adapter is hatched.
-
-    ``results`` has the columns of ``data/adapters/results.csv``.
-    """
-    from kvp.adapters import adapter_of
-
-    results = results.assign(adapter=adapter_of(results.wrapper))
-    cells = sorted(results.groupby(["model", "dataset", "split_shift"]).groups,
-                   key=lambda c: (c[0], c[1], c[2] != "none", c[2]))  # the standard test first
-    set_theme()
-    fig, axes = plt.subplots(2, len(cells), figsize=(2.3 * len(cells) + 1, 5.5), squeeze=False,
-                             sharey="row")
-    for col, (model, dataset, shift) in enumerate(cells):
-        cell = results[(results.model == model) & (results.dataset == dataset)
-                       & (results.split_shift == shift)]
-        bars = []  # (label, method, adapter, rows)
-        for method in ("full_recompute", "no_recompute"):
-            bars += [(method_label(method), method, "", cell[cell.method == method])]
-        for adapter, g in cell[cell.method == "kv_packet"].groupby("adapter", sort=False):
-            bars.append((f"KV Packet\n({adapter})", "kv_packet", adapter, g))
-        bars = [b for b in bars if len(b[3])]
-        for row, metric in enumerate(("f1_micro", "agree_f1")):
-            ax = axes[row, col]
-            for i, (label, method, adapter, g) in enumerate(bars):
-                mean = g[metric].mean()
-                err = None
-                if metric == "f1_micro" and len(g) == 1:
-                    err = [[max(mean - g.ci_low.iloc[0], 0)], [max(g.ci_high.iloc[0] - mean, 0)]]
-                ax.bar(i, mean, color=method_style(method).color, yerr=err, capsize=3,
-                       hatch="//" if adapter == "mixture" else None, edgecolor="white")
-                if len(g) > 1:
-                    ax.scatter([i] * len(g), g[metric], color="black", s=10, zorder=3)
-            ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=60, ha="right",
-                          fontsize=8)
-            if row == 0:
-                ax.set_title(f"{model}\n{dataset} · {shift} · n={int(cell.n.iloc[0])}", fontsize=9)
-                ax.tick_params(labelbottom=False)
-            if col == 0:
-                ax.set_ylabel("micro F1 (95% CI)" if row == 0 else "agreement with full")
-    fig.suptitle(f"Shipped adapters · {', '.join(sorted(results.model.unique()))} · "
-                 "dots = wrapper seeds", y=1.01)
-    fig.tight_layout()
-    return fig
-
-
 def plot_fidelity_vs_size(summary: pd.DataFrame, paper: list[tuple], parameters: dict[str, float]
                           ) -> plt.Figure:
     """Fidelity against model size on biography (5 documents, standard test): KV Packet F1 as a

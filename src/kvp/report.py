@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from kvp import distributed
-from kvp.adapters import (ADAPTER_DIR, NIAH_OPTIONS, RECIPES, SWEEP, adapter_of, load_adapter,
+from kvp.adapters import (ADAPTER_DIR, RECIPES, SHIFTS, SWEEP, adapter_of, load_adapter,
                           parse_adapter, sweep_variant, train_recipe)
 from kvp.data import load_dataset
 from kvp.evaluate import EvalSettings, evaluate, method_summary
@@ -59,15 +59,6 @@ def sweep_table(root: Path, results: pd.DataFrame | None = None) -> pd.DataFrame
     return pd.DataFrame(out)
 
 
-# Held-out context shifts (training used 2/3/5/7 documents, uniform slots, normal lengths).
-SHIFTS: dict[str, dict[str, dict]] = {
-    "biography": {"none": {"num_docs": 5}, "docs10": {"num_docs": 10},
-                  "last_slot": {"num_docs": 5, "target_slot": -1},
-                  "long_docs": {"num_docs": 5, "doc_length_factor": 2.0}},
-    "niah": {"none": NIAH_OPTIONS,
-             "long_docs": {**NIAH_OPTIONS, "chunk_chars": 2000},
-             "long_context": {**NIAH_OPTIONS, "context_tokens": 3072}},
-}
 ADAPTER_COLUMNS = ["model", "dataset", "split_shift", "method", "seed", "n", "f1_micro", "ci_low",
                   "ci_high", "agree_f1", "wrapper", "max_new_tokens", "retention"]
 
@@ -84,7 +75,9 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
     The model runs in ``dtype`` (float32, the precision the adapters train in, on every device).
     ``rows_path`` (``.csv.gz``) keeps the per-sample answers, for paired comparisons later. It is
     rewritten after the baselines and after each wrapper, and a later call reuses the rows it holds
-    for the same (sample, method, wrapper, ``max_new_tokens``): an interrupted run resumes, and a
+    for the same (sample, method, wrapper, ``max_new_tokens``) and the same wrapper tensors (the
+    ``wrapper_fingerprint`` column: a retrained adapter of the same name is evaluated again, never
+    credited with its predecessor's answers): an interrupted run resumes, and a
     larger ``n`` evaluates only the new samples (the test samples of a seed are prefix-stable).
     The file only grows: rows of other samples or wrappers are kept, so a smaller ``n`` never
     shrinks it, and a file holding another decoding budget is refused (:func:`check_rows_budget`).
@@ -103,7 +96,9 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
 
     def run(methods: list[str], seed: int, wrapper_name: str, wrapper=None) -> pd.DataFrame:
         """Rows of ``methods`` on every sample: reused from ``previous`` or evaluated now."""
-        mine = previous[previous.method.isin(methods) & (previous.wrapper == wrapper_name)]
+        fingerprint = wrapper.fingerprint() if wrapper is not None else ""
+        mine = previous[previous.method.isin(methods) & (previous.wrapper == wrapper_name)
+                        & (fingerprints(previous) == fingerprint)]
         complete = mine.groupby("sample_id").method.nunique() == len(methods)
         kept = mine[mine.sample_id.isin(complete[complete].index)]
         have = set(kept.sample_id)
@@ -112,7 +107,8 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
         if todo:
             new = evaluate(model, tokenizer, todo, [get_method(m) for m in methods], settings,
                            wrapper=wrapper, store=store)
-            done.append(new.assign(seed=seed, wrapper=wrapper_name, max_new_tokens=max_new_tokens))
+            done.append(new.assign(seed=seed, wrapper=wrapper_name, max_new_tokens=max_new_tokens,
+                                   wrapper_fingerprint=fingerprint))
         done = pd.concat(done, ignore_index=True)
         done = done.sort_values("sample_id", key=lambda ids: ids.map(order), kind="stable")
         parts.append(done.reset_index(drop=True))
@@ -170,12 +166,21 @@ def slot_breakdown(rows: pd.DataFrame) -> pd.DataFrame:
 ROW_KEY = ["sample_id", "method", "wrapper"]
 
 
+def fingerprints(rows: pd.DataFrame) -> pd.Series:
+    """The ``wrapper_fingerprint`` of each row (``PacketWrapper.fingerprint``; empty for the
+    baselines, and for rows of a file written before fingerprints were recorded)."""
+    if "wrapper_fingerprint" not in rows:
+        return pd.Series("", index=rows.index, dtype=str)
+    return rows["wrapper_fingerprint"].fillna("").astype(str)
+
+
 def read_rows(path: Path) -> pd.DataFrame | None:
     """Per-sample rows written by :func:`evaluate_adapters` (``gold`` parsed back into lists), or
     ``None`` when there is no file."""
     if not path.exists():
         return None
-    rows = pd.read_csv(path, keep_default_na=False, dtype={"answer": str, "raw_answer": str})
+    rows = pd.read_csv(path, keep_default_na=False,
+                       dtype={"answer": str, "raw_answer": str, "wrapper_fingerprint": str})
     rows["gold"] = rows["gold"].map(ast.literal_eval)
     return rows
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from kvp.methods.partial import Choice, PartialRecompute, check_ratio, doc_positions
 
 
