@@ -644,7 +644,7 @@ def plot_fidelity_vs_size(summary: pd.DataFrame, paper: list[tuple], parameters:
                 color="#d95f02", capsize=3, label="agreement with full recompute (x100)")
     for r, xi in zip(rows.itertuples(), x):
         ax.annotate(f"{r.model}\nn={r.n}, {r.seeds} seed{'s' if r.seeds > 1 else ''}", (xi, 100 * r.f1_ratio),
-                    textcoords="offset points", xytext=(4, 6), fontsize=7)
+                    textcoords="offset points", xytext=(0, 8), ha="center", fontsize=6.5)
     for label, size, full, packet in paper:
         ax.scatter([size], [100 * packet / full], marker="o", facecolors="none",
                    edgecolors="#08519c", s=50)
