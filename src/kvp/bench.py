@@ -42,8 +42,8 @@ import mmap
 import os
 import platform
 import shutil
-import tempfile
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,13 +55,14 @@ import torch
 
 from kvp import kernels
 from kvp.cache import chunk_offsets
-from kvp.query_step import (FusedProjections, KVBuffer, PromptGraph, Staging, assemble_into,
-                             fast_query, pipelined_query)
+from kvp.compact import PACKET_DTYPES
 from kvp.generate import timer
 from kvp.methods import get_method, make_context
 from kvp.methods.base import QueryContext
-from kvp.compact import PACKET_DTYPES
+from kvp.models import load_model, resolve_device, resolve_dtype
 from kvp.packet import TIERS, PacketStore, PacketWrapper, assemble
+from kvp.query_step import (FusedProjections, KVBuffer, PromptGraph, Staging, assemble_into,
+                             fast_query, pipelined_query)
 
 DEFAULT_METHODS: tuple[tuple[str, dict], ...] = (
     ("full_recompute", {}), ("no_recompute", {}), ("kv_packet", {}),
@@ -697,8 +698,6 @@ def tier_summary(df: pd.DataFrame, context_tokens: int = 8192, n_docs: int = 8) 
 
 # --------------------------------------------------------------------------- command line
 def run(args) -> Path:
-    from kvp.models import load_model, resolve_device, resolve_dtype
-
     start = time.perf_counter()
     deadline = start + args.time_limit
     device = resolve_device(args.device)
