@@ -18,6 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from kvp.data import Sample
+from kvp.data.mixture import trained_on
 from kvp.data.prompts import build_segments, dataset_of, extract_answer, generation_config
 from kvp.methods import Method, QueryContext, make_context, run_method
 from kvp.metrics import agreement_f1, bootstrap_ci, f1_micro, token_f1
@@ -61,12 +62,12 @@ def check_documents(model, tokenizer, sample: Sample, wrapper: PacketWrapper | N
 
 def warn_on_transfer(wrapper: PacketWrapper | None, samples: list[Sample]) -> None:
     """Warn when the wrapper was trained on another dataset than the samples' (a mixture covers its
-    components)."""
+    components, the general mixture every generator but its held-out one)."""
     config = (wrapper.record or {}).get("config", {}) if wrapper is not None else {}
     trained = config.get("dataset")
     if not trained or not samples:
         return
-    covered = {trained, *config.get("dataset_options", {}).get("components", {})}
+    covered = trained_on(trained, config.get("dataset_options", {}))
     evaluated = sorted({s.meta.get("dataset", "jsonl") for s in samples} - covered)
     if evaluated:
         warnings.warn(f"the wrapper was trained on {trained!r} and is applied to {evaluated}: "

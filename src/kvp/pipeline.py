@@ -51,14 +51,15 @@ from typing import Any, Union, get_args, get_origin
 import yaml
 
 from kvp import __version__
+from kvp.data import DATASETS, DOMAINS
 from kvp.results import DONE_FILE, atomic_path, collect_summary, write_json
 
-# The one place listing what a profile may name (later pointed at the method / dataset registries).
+# The one place listing what a profile may name (later pointed at the method registry); datasets
+# are kvp.data.DATASETS.
 METHODS = (
     "no_cache", "full_recompute", "no_recompute", "kv_packet", "cache_blend", "epic", "a3",
     "sam_kv", "rand_recompute",
 )
-DATASETS = ("biography", "niah", "hotpotqa", "musique", "jsonl", "mixture")
 NOTEBOOKS = (
     "01_attention_shift", "02_train_adapters", "03_evaluate", "04_attention_maps",
     "05_compression", "06_latency",
@@ -216,11 +217,11 @@ def dataset_options(dataset: str, n_docs: int, context_tokens: int, chunk_chars:
                     data_path: str = "") -> dict:
     """``load_dataset`` keyword arguments from the notebooks' dataset parameters.
 
-    Biography takes ``N_DOCS`` documents per sample; NIAH a haystack of ``CONTEXT_TOKENS``
+    Biography, multihop and the generated domains take ``N_DOCS`` documents per sample; NIAH a haystack of ``CONTEXT_TOKENS``
     tokens cut into chunks of at most ``CHUNK_CHARS`` characters; jsonl (and a local copy of
     hotpotqa / musique) the file ``DATA_PATH``, resolved against the repository root.
     """
-    if dataset == "biography":
+    if dataset in ("biography", "multihop", *DOMAINS):
         return {"num_docs": n_docs}
     if dataset == "niah":
         return {"context_tokens": context_tokens, "chunk_chars": chunk_chars}
