@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kvp.data import DOMAINS, GENERATORS
 from kvp.results import atomic_path
 from kvp.train import TrainConfig
 
@@ -72,6 +73,16 @@ RECIPES: dict[tuple[str, str], TrainConfig] = {
         model="qwen2.5-coder-1.5b", **{**BIOGRAPHY_BASE, **SWEEP[BIOGRAPHY_CHOICE], "epochs": 6}),
     **{(m, "niah"): TrainConfig(model=m, **NIAH_BASE)
        for m in ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")},
+    # General wrappers, leave-one-domain-out: "general-<kind>" trains on every generator but that
+    # kind of document, 64 samples each (NIAH at the CPU-sized context), with the biography recipe's
+    # optimiser; it is then evaluated on the held-out kind (--holdout), on NIAH and on multihop.
+    **{(m, f"general-{held}"): TrainConfig(
+        model=m, dataset="general", n_samples=64 * (len(GENERATORS) - 1),
+        n_val=8 * (len(GENERATORS) - 1),
+        dataset_options={"holdout": held, "options": {"niah": NIAH_TRAIN_OPTIONS}},
+        epochs=12, batch_size=32, micro_batch=4, lr=0.6, lr_scale="embed_std", max_new_tokens=32,
+        autocast=False, tf32=True, checkpoint_every=20)
+       for m in ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b") for held in DOMAINS},
 }
 
 
@@ -183,9 +194,29 @@ SHIFTS: dict[str, dict[str, dict]] = {
     "niah": {"none": NIAH_OPTIONS,
              "long_docs": {**NIAH_OPTIONS, "chunk_chars": 2000},
              "long_context": {**NIAH_OPTIONS, "context_tokens": 3072}},
+    **{name: {"none": {"num_docs": 5}} for name in ("multihop", *DOMAINS)},
 }
+# A cell "holdout-<generator>" is the standard ("none") test of a dataset, evaluated for general
+# wrappers trained without that generator (kvp.data.mixture.load_general).
+HOLDOUT = "holdout-"
 RESULT_COLUMNS = ["model", "dataset", "split_shift", "method", "seed", "n", "f1_micro", "ci_low",
                   "ci_high", "agree_f1", "wrapper", "max_new_tokens", "retention"]
+
+
+def shift_options(dataset: str, shift: str) -> dict:
+    """``load_dataset`` options of the test cell (``dataset``, ``shift``): a ``SHIFTS`` entry, or
+    for ``holdout-<generator>`` the dataset's standard test; ``ValueError`` names the choices."""
+    if dataset not in SHIFTS:
+        raise ValueError(f"no test cells for dataset {dataset!r}; use one of {sorted(SHIFTS)}")
+    if shift.startswith(HOLDOUT):
+        from kvp.data.mixture import general_components
+
+        general_components(shift.removeprefix(HOLDOUT))  # names the generators if unknown
+        return SHIFTS[dataset]["none"]
+    if shift not in SHIFTS[dataset]:
+        raise ValueError(f"shift {shift!r}: use one of {sorted(SHIFTS[dataset])} or "
+                         f"'{HOLDOUT}<generator>'")
+    return SHIFTS[dataset][shift]
 
 
 def parse_adapter(name: str) -> tuple[str, int]:
@@ -225,7 +256,7 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
         check_rows_budget(rows_path, max_new_tokens)
     model, tokenizer, spec = load_model(model_name, dtype=dtype)
     spec.require_trained()
-    samples = load_dataset(dataset, "test", n=n, seed=42, **SHIFTS[dataset][shift])
+    samples = load_dataset(dataset, "test", n=n, seed=42, **shift_options(dataset, shift))
     settings = EvalSettings(model_name, max_new_tokens=max_new_tokens)
     store = PacketStore(model, tokenizer, model_name, max_in_memory=64)  # documents don't recur
     order = {s.id: i for i, s in enumerate(samples)}
@@ -253,11 +284,14 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
                                              .assign(split_shift=shift)))
         return parts[-1]
 
-    run(["full_recompute", "no_recompute"], -1, "")
+    loaded = []  # every wrapper loads before the baselines run: a missing one fails at once
     for name in wrappers or [f"{dataset}-seed0"]:
         wrapper_dataset, seed = parse_adapter(name)
-        run(["kv_packet"], seed, f"{wrapper_dataset}-seed{seed}",
-            load_adapter(model_name, wrapper_dataset, seed, root))
+        loaded.append((seed, f"{wrapper_dataset}-seed{seed}",
+                       load_adapter(model_name, wrapper_dataset, seed, root)))
+    run(["full_recompute", "no_recompute"], -1, "")
+    for seed, name, wrapper in loaded:
+        run(["kv_packet"], seed, name, wrapper)
     return summarize_rows(pd.concat(parts, ignore_index=True), shift, max_new_tokens)
 
 
@@ -290,17 +324,28 @@ def results_from_rows(rows_dir: Path, n_boot: int = 1000) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
-def slot_breakdown(rows: pd.DataFrame) -> pd.DataFrame:
-    """Micro F1 per target-document slot (biography rows), one column per (method, wrapper)."""
+def meta_breakdown(rows: pd.DataFrame, key: str, label: str) -> pd.DataFrame:
+    """Micro F1 per integer value of the sample meta field ``key`` (row column ``meta_<key>``),
+    one column per (method, wrapper); the index is named ``label``."""
     from kvp.metrics import f1_micro
 
     rows = rows.assign(column=rows.method + rows.wrapper.map(lambda w: f" {w}" if w else ""))
-    rows = rows.assign(meta_target_slot=rows.meta_target_slot.astype(int))
-    table = rows.groupby(["meta_target_slot", "column"]).apply(
+    rows = rows.assign(group=rows[f"meta_{key}"].astype(int))
+    table = rows.groupby(["group", "column"], sort=True).apply(
         lambda g: f1_micro(list(g.answer), list(g.gold)), include_groups=False).unstack()
-    table.index.name = "target slot"
+    table.index.name = label
     table.columns.name = None
     return table
+
+
+def slot_breakdown(rows: pd.DataFrame) -> pd.DataFrame:
+    """Micro F1 per target-document slot (biography rows), one column per (method, wrapper)."""
+    return meta_breakdown(rows, "target_slot", "target slot")
+
+
+def hop_breakdown(rows: pd.DataFrame) -> pd.DataFrame:
+    """Micro F1 per hop count (multihop rows), one column per (method, wrapper)."""
+    return meta_breakdown(rows, "hops", "hops")
 
 
 ROW_KEY = ["sample_id", "method", "wrapper"]
@@ -429,6 +474,15 @@ def sweep_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def breakdown_markdown(table: pd.DataFrame) -> str:
+    """A :func:`meta_breakdown` table as markdown."""
+    lines = [f"| {table.index.name} | " + " | ".join(table.columns) + " |",
+             "|---" * (len(table.columns) + 1) + "|"]
+    lines += [f"| {key} | " + " | ".join(f"{v:.3f}" for v in row) + " |"
+              for key, row in table.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
 def results_markdown(path: Path) -> str:
     """The results CSV as a markdown table (one row per measured cell)."""
     table = pd.read_csv(path)
@@ -541,9 +595,12 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--model", default="smollm2-135m", help="registry name of the model")
     ev.add_argument("--dataset", required=True, choices=sorted(SHIFTS), help="test set")
     ev.add_argument("--shift", default="none", help="held-out context shift (kvp.adapters.SHIFTS)")
+    ev.add_argument("--holdout", default=None, choices=GENERATORS,
+                    help="leave-one-domain-out: the cell 'holdout-HOLDOUT' (the standard test of "
+                    "DATASET) with, by default, the wrapper general-HOLDOUT-seed0")
     ev.add_argument("--wrappers", nargs="+", default=None,
                     help="adapters to compare, e.g. niah-seed0 niah-seed1 mixture-seed0 "
-                    "(default: DATASET-seed0)")
+                    "(default: DATASET-seed0, or general-HOLDOUT-seed0)")
     ev.add_argument("--n", type=int, default=100, help="test samples (seed 42)")
     ev.add_argument("--max-new-tokens", type=int, default=None,
                     help="decoding budget (default: the dataset's)")
@@ -571,8 +628,15 @@ def main(argv: list[str] | None = None) -> int:
                      plot=not args.no_plot, teacher_only=args.teacher_only,
                      variant=args.variant)
     elif args.command == "evaluate":
-        if args.shift not in SHIFTS[args.dataset]:
-            parser.error(f"--shift {args.shift!r}: use one of {sorted(SHIFTS[args.dataset])}")
+        if args.holdout is not None:
+            if args.shift != "none":
+                parser.error("--holdout names the cell itself; drop --shift")
+            args.shift = HOLDOUT + args.holdout
+            args.wrappers = args.wrappers or [f"general-{args.holdout}-seed0"]
+        try:
+            shift_options(args.dataset, args.shift)
+        except ValueError as err:
+            parser.error(f"--shift: {err}")
         if args.update_shipped and args.out is not None:
             parser.error("--update-shipped writes into data/adapters; drop --out or it")
         out = ADAPTER_DIR if args.update_shipped else args.out or Path("results") / "adapters"
@@ -597,13 +661,12 @@ def main(argv: list[str] | None = None) -> int:
 
         save_fig(plot_adapter_results(results), "results", fig_dir=args.root)
         print("\n" + sweep_markdown(sweep_table(args.root, results)))
-        for path in sorted(args.root.glob("rows/*__biography__none.csv.gz")):
-            print(f"\nF1 by target slot, {path.name.split('__')[0]}:\n")
-            table = slot_breakdown(read_rows(path))
-            print("| target slot | " + " | ".join(table.columns) + " |")
-            print("|---" * (len(table.columns) + 1) + "|")
-            for slot, row in table.iterrows():
-                print(f"| {slot} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+        for pattern, title, breakdown in [("*__biography__none", "target slot", slot_breakdown),
+                                          ("*__multihop__*", "hop count", hop_breakdown)]:
+            for path in sorted(args.root.glob(f"rows/{pattern}.csv.gz")):
+                model, _, shift = path.name.removesuffix(".csv.gz").split("__")
+                print(f"\nF1 by {title}, {model} ({shift}):\n")
+                print(breakdown_markdown(breakdown(read_rows(path))), end="")
         save_fig(plot_fidelity_vs_size(seed_summary(results), PAPER_POINTS, MODEL_PARAMETERS),
                  "fidelity", fig_dir=args.root)
     elif args.command == "rebuild":
