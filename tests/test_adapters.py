@@ -200,3 +200,53 @@ def test_retention_counts_full_recalls_where_full_recompute_recalls():
     out = summarize(rows, n_boot=10).set_index("method")
     assert out.loc["full_recompute", "retention"] == 1.0
     assert out.loc["kv_packet", "retention"] == 0.5
+
+
+def test_holdout_cells_use_the_standard_test_and_name_bad_shifts():
+    from kvp.adapters import shift_options
+
+    assert shift_options("niah", "holdout-tables") == SHIFTS["niah"]["none"]
+    assert shift_options("multihop", "holdout-products") == {"num_docs": 5}
+    with pytest.raises(ValueError, match="holdout='squad'"):
+        shift_options("products", "holdout-squad")
+    with pytest.raises(ValueError, match="'docs10'.*holdout-<generator>"):
+        shift_options("tables", "docs10")
+    with pytest.raises(SystemExit):  # refused before any model loads
+        main(["evaluate", "--dataset", "niah", "--holdout", "tables", "--shift", "long_docs"])
+
+
+def test_general_recipes_train_on_every_generator_but_the_held_out_one():
+    from kvp.data import DOMAINS
+    from kvp.train import training_samples
+
+    for held in DOMAINS:
+        config = recipe("qwen2.5-coder-0.5b", f"general-{held}")
+        assert config.dataset == "general" and config.dataset_options["holdout"] == held
+    small = TrainConfig(**{**recipe("smollm2-135m", "general-tables").to_dict(),
+                           "n_samples": 14, "batch_size": 7, "n_val": 7})
+    seen = {s.meta["dataset"] for s in training_samples(small)}
+    assert "tables" not in seen and len(seen) == 7
+    assert {s.meta["split"] for s in training_samples(small, "val")} == {"val"}
+
+
+def test_f1_per_hop_count_by_hand():
+    from kvp.adapters import breakdown_markdown, hop_breakdown
+
+    def row(sample, method, wrapper, hops, answer, gold):
+        return {"sample_id": sample, "method": method, "wrapper": wrapper, "meta_hops": hops,
+                "answer": answer, "gold": [gold]}
+
+    rows = pd.DataFrame([row(1, "full_recompute", "", 2, "Oslo", "Oslo"),
+                         row(2, "full_recompute", "", 3, "Lima Peru", "Lima"),
+                         row(3, "full_recompute", "", 3, "Rome", "Rome"),
+                         row(1, "kv_packet", "general-tables-seed0", 2, "Bonn", "Oslo"),
+                         row(2, "kv_packet", "general-tables-seed0", 3, "Lima", "Lima"),
+                         row(3, "kv_packet", "general-tables-seed0", 3, "Rome", "Rome")])
+    table = hop_breakdown(rows)
+    assert list(table.index) == [2, 3] and table.index.name == "hops"
+    # 3 hops, full recompute: tp = 2, fp = 1, fn = 0 over the two samples -> F1 = 0.8
+    assert table.loc[3, "full_recompute"] == pytest.approx(0.8)
+    assert table.loc[2, "kv_packet general-tables-seed0"] == 0.0
+    assert table.loc[3, "kv_packet general-tables-seed0"] == 1.0
+    assert breakdown_markdown(table).splitlines()[0] == (
+        "| hops | full_recompute | kv_packet general-tables-seed0 |")

@@ -259,3 +259,12 @@ def test_unknown_parameter_and_string_ratio_are_refused():
         check_params({"N_SAMPLES": 2, "N_SAMPLE": 3}, schema)
     with pytest.raises(ValueError, match="ratio='0.3' is a str; pass a number"):
         get_method("a3", ratio="0.3")
+
+
+def test_generated_datasets_are_valid_dataset_parameters():
+    from kvp.data import GENERATORS
+    from kvp.pipeline import dataset_options, validate_params
+
+    validate_params({"DATASET": "multihop", "DATASETS": list(GENERATORS)})
+    for name in ("biography", "multihop", "tables", "codedocs"):
+        assert dataset_options(name, 4, 1536, 1000) == {"num_docs": 4}

@@ -220,7 +220,7 @@ class EventReport(Domain):
 
 class Abstract(Domain):
     """Scientific-abstract-like paragraphs: the fields in an abstract's order, plain or under
-    section labels (``sections``: label -> fields)."""
+    section labels (``sections``: label -> fields; the first opens with the entity's name)."""
 
     name = "abstracts"
 
@@ -231,6 +231,8 @@ class Abstract(Domain):
         parts = []
         for label, fields in self.data["sections"].items():
             body = self.sentences(entity, rng, fields)
+            if not parts:  # the first section names the entity
+                body.insert(0, self.fill(rng.choice(self.data["opener"]), entity))
             if label == "Methods":
                 body += [self.fill(t, entity) for t in rng.sample(self.data["filler"], 1)]
             parts.append(f"{label}: " + " ".join(body))

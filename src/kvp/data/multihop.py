@@ -16,7 +16,8 @@ with the chain (``DISTRACTORS``): a colleague working at the chain's company, an
 its university, a company headquartered in one of its cities, a university in one of its cities.
 They never change the answer. Documents are in random order; ``meta`` records ``hops``, ``chain``,
 ``hop_docs`` (the needed documents' slots in hop order), ``bridge`` (anchor, linked entities,
-answer) and each document's ``subjects`` and ``kinds``.
+answer), each document's ``subjects`` and ``kinds``, and per distractor (``distractors``: its
+kind) its slot (``distractor_docs``) and the chain entity it ``shared``.
 
 Facts hold within a sample (entities are drawn per sample); every person, company and university
 with a document is an entity of the sample's split by :func:`kvp.data.hash_split` of its name, so
@@ -149,8 +150,8 @@ def chain_docs(world: World, chain: str, hops: int) -> tuple[list[Doc], list[str
     return docs, [person, company, founder, university]
 
 
-def distractor_doc(world: World, kind: str, chain: list[Doc]) -> Doc:
-    """A document about a fresh entity that shares one entity of the chain's documents."""
+def distractor_doc(world: World, kind: str, chain: list[Doc]) -> tuple[Doc, str]:
+    """A document about a fresh entity, and the entity of the chain's documents it shares."""
     rng = world.rng
     facts = [(d, k, v) for d in chain for k, v in d.facts.items()]
     companies = [d.subject for d in chain if d.kind == "company"] + \
@@ -159,12 +160,15 @@ def distractor_doc(world: World, kind: str, chain: list[Doc]) -> Doc:
         [v for d, k, v in facts if k == "university"]
     cities = [v for d, k, v in facts if k in ("hq", "home", "city")]
     if kind == "colleague":
-        return world.person_doc(world.person(), employer=rng.choice(companies))
+        shared = rng.choice(companies)
+        return world.person_doc(world.person(), employer=shared), shared
     if kind == "alumnus":
-        return world.person_doc(world.person(), university=rng.choice(universities))
+        shared = rng.choice(universities)
+        return world.person_doc(world.person(), university=shared), shared
+    shared = rng.choice(cities)
     if kind == "rival_company":
-        return world.company_doc(world.company(), hq=rng.choice(cities))
-    return world.university_doc(world.university(), city=rng.choice(cities))
+        return world.company_doc(world.company(), hq=shared), shared
+    return world.university_doc(world.university(), city=shared), shared
 
 
 def render(doc: Doc, rng: random.Random) -> str:
@@ -186,7 +190,8 @@ def make_sample(split: str, seed: int, index: int, config: MultihopConfig) -> Sa
     kinds = []
     while len(kinds) < config.num_docs - hops:  # each round uses every distractor kind once
         kinds += rng.sample(DISTRACTORS, len(DISTRACTORS))
-    docs = needed + [distractor_doc(world, k, needed) for k in kinds[:config.num_docs - hops]]
+    distractors = [distractor_doc(world, k, needed) for k in kinds[:config.num_docs - hops]]
+    docs = needed + [doc for doc, _ in distractors]
     order = rng.sample(range(len(docs)), len(docs))  # order[slot] = index into docs
     question = rng.choice(resource()["question"][f"{chain}/{hops}"]).format(anchor=bridge[0])
     return Sample(
@@ -197,7 +202,9 @@ def make_sample(split: str, seed: int, index: int, config: MultihopConfig) -> Sa
               "hop_docs": [order.index(i) for i in range(hops)],
               "bridge": [str(b) for b in bridge],
               "subjects": [docs[i].subject for i in order], "kinds": [docs[i].kind for i in order],
-              "distractors": kinds[:config.num_docs - hops], "num_docs": config.num_docs})
+              "distractors": kinds[:config.num_docs - hops],
+              "distractor_docs": [order.index(hops + j) for j in range(len(distractors))],
+              "shared": [shared for _, shared in distractors], "num_docs": config.num_docs})
 
 
 def generate_multihop(split: str = "test", n: int | None = 100, seed: int = 42,
