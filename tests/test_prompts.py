@@ -29,7 +29,7 @@ def prompt_samples() -> list[Sample]:
             + load_dataset("hotpotqa", "test", n=None, path=fixtures / "hotpotqa_original.json")
             + load_dataset("musique", "test", n=None, path=fixtures / "musique_dev.jsonl")
             + [s for name in ("multihop", *DOMAINS)  # multi-line tables, code and sheets
-               for s in load_dataset(name, "test", n=2, seed=0, num_docs=3)])
+               for s in load_dataset(name, "test", n=1, seed=0, num_docs=3)])
 
 
 def template_ids(tokenizer, conversation) -> list[int]:
