@@ -230,7 +230,8 @@ def test_general_recipes_train_on_every_generator_but_the_held_out_one():
 
 
 def test_f1_per_hop_count_by_hand():
-    from kvp.adapters import breakdown_markdown, hop_breakdown
+    from kvp.adapters import breakdown_markdown
+    from kvp.evaluate import hop_breakdown
 
     def row(sample, method, wrapper, hops, answer, gold):
         return {"sample_id": sample, "method": method, "wrapper": wrapper, "meta_hops": hops,
@@ -250,3 +251,6 @@ def test_f1_per_hop_count_by_hand():
     assert table.loc[3, "kv_packet general-tables-seed0"] == 1.0
     assert breakdown_markdown(table).splitlines()[0] == (
         "| hops | full_recompute | kv_packet general-tables-seed0 |")
+    plain = hop_breakdown(rows.drop(columns="wrapper").assign(setting=""))  # kvp.evaluate rows
+    assert list(plain.columns) == ["full_recompute", "kv_packet"]
+    assert plain.loc[3, "kv_packet"] == 1.0

@@ -324,28 +324,11 @@ def results_from_rows(rows_dir: Path, n_boot: int = 1000) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
-def meta_breakdown(rows: pd.DataFrame, key: str, label: str) -> pd.DataFrame:
-    """Micro F1 per integer value of the sample meta field ``key`` (row column ``meta_<key>``),
-    one column per (method, wrapper); the index is named ``label``."""
-    from kvp.metrics import f1_micro
-
-    rows = rows.assign(column=rows.method + rows.wrapper.map(lambda w: f" {w}" if w else ""))
-    rows = rows.assign(group=rows[f"meta_{key}"].astype(int))
-    table = rows.groupby(["group", "column"], sort=True).apply(
-        lambda g: f1_micro(list(g.answer), list(g.gold)), include_groups=False).unstack()
-    table.index.name = label
-    table.columns.name = None
-    return table
-
-
 def slot_breakdown(rows: pd.DataFrame) -> pd.DataFrame:
     """Micro F1 per target-document slot (biography rows), one column per (method, wrapper)."""
+    from kvp.evaluate import meta_breakdown
+
     return meta_breakdown(rows, "target_slot", "target slot")
-
-
-def hop_breakdown(rows: pd.DataFrame) -> pd.DataFrame:
-    """Micro F1 per hop count (multihop rows), one column per (method, wrapper)."""
-    return meta_breakdown(rows, "hops", "hops")
 
 
 ROW_KEY = ["sample_id", "method", "wrapper"]
@@ -661,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
 
         save_fig(plot_adapter_results(results), "results", fig_dir=args.root)
         print("\n" + sweep_markdown(sweep_table(args.root, results)))
+        from kvp.evaluate import hop_breakdown
+
         for pattern, title, breakdown in [("*__biography__none", "target slot", slot_breakdown),
                                           ("*__multihop__*", "hop count", hop_breakdown)]:
             for path in sorted(args.root.glob(f"rows/{pattern}.csv.gz")):

@@ -163,6 +163,27 @@ def summarize(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataF
     return pd.DataFrame(out)
 
 
+def meta_breakdown(rows: pd.DataFrame, key: str, label: str) -> pd.DataFrame:
+    """Micro F1 per integer value of the sample meta field ``key`` (row column ``meta_<key>``).
+
+    One column per method and setting (rows of :func:`evaluate`) or per method and wrapper (rows
+    of ``kvp.adapters.evaluate_adapters``); the index is named ``label``.
+    """
+    extra = rows["wrapper"] if "wrapper" in rows else rows["setting"]
+    rows = rows.assign(column=rows.method + extra.fillna("").map(lambda w: f" {w}" if w else ""),
+                       group=rows[f"meta_{key}"].astype(int))
+    table = rows.groupby(["group", "column"], sort=True).apply(
+        lambda g: f1_micro(list(g.answer), list(g.gold)), include_groups=False).unstack()
+    table.index.name = label
+    table.columns.name = None
+    return table
+
+
+def hop_breakdown(rows: pd.DataFrame) -> pd.DataFrame:
+    """Micro F1 per hop count of multihop rows (``meta["hops"]``), one column per method."""
+    return meta_breakdown(rows, "hops", "hops")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m kvp.evaluate --jsonl FILE --out DIR``: methods and an adapter on a user file."""
     import argparse
