@@ -254,3 +254,20 @@ def test_f1_per_hop_count_by_hand():
     plain = hop_breakdown(rows.drop(columns="wrapper").assign(setting=""))  # kvp.evaluate rows
     assert list(plain.columns) == ["full_recompute", "kv_packet"]
     assert plain.loc[3, "kv_packet"] == 1.0
+
+
+def test_cli_holdout_cell_names_the_held_out_domain(tmp_path, monkeypatch, smollm):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="general-products"):  # before any baseline runs
+        main(["evaluate", "--dataset", "multihop", "--holdout", "products", "--n", "1"])
+    assert not (tmp_path / "results").exists()
+    main(["evaluate", "--dataset", "multihop", "--holdout", "products", "--wrappers",
+          "biography-seed0", "--n", "1", "--max-new-tokens", "2"])
+    out = tmp_path / "results" / "adapters"
+    table = pd.read_csv(out / "results.csv", keep_default_na=False)
+    assert set(table.split_shift) == {"holdout-products"} and set(table.dataset) == {"multihop"}
+    assert list(table.method) == ["full_recompute", "no_recompute", "kv_packet"]
+    rows = read_rows(out / "rows" / "smollm2-135m__multihop__holdout-products.csv.gz")
+    assert set(rows.meta_hops) <= {2, 3} and set(rows.split_shift) == {"holdout-products"}
+    assert len(paired_agreement(out / "rows" / "smollm2-135m__multihop__holdout-products.csv.gz",
+                                n_boot=20)) == 1
