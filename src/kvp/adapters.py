@@ -643,7 +643,9 @@ def main(argv: list[str] | None = None) -> int:
         from kvp.plots import plot_adapter_results, plot_fidelity_vs_size, save_fig
 
         save_fig(plot_adapter_results(results), "results", fig_dir=args.root)
-        print("\n" + sweep_markdown(sweep_table(args.root, results)))
+        sweep = sweep_table(args.root, results)
+        if len(sweep):  # a results directory of evaluations only has no sweep
+            print("\n" + sweep_markdown(sweep))
         from kvp.evaluate import hop_breakdown
 
         for pattern, title, breakdown in [("*__biography__none", "target slot", slot_breakdown),
