@@ -62,7 +62,8 @@ class Entity:
 def draw_value(rng: random.Random, spec) -> tuple[str, list[str]]:
     """(text, answers) of one value drawn by ``spec`` from ``resources/domain_<name>.json``.
 
-    ``spec`` is a list (one item drawn), ``{"int": [lo, hi], "step": s, "format": "${}"}``,
+    ``spec`` is a list (one item drawn), ``{"int": [lo, hi], "step": s, "format": "${}"}``
+    (``"commas": true`` writes thousands separators),
     ``{"float": [lo, hi], "digits": d, "format": "{} kg"}`` (answers: the text and the bare
     number) or ``{"date": [first_year, last_year]}`` (answers: three date formats).
     """
