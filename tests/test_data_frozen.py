@@ -20,3 +20,9 @@ def test_frozen_files_load_and_have_100_samples():
     for rel, (name, _) in FROZEN.items():
         samples = load_dataset("jsonl", path=DATA / rel)
         assert len(samples) == 100 and {s.meta["dataset"] for s in samples} == {name}
+
+
+def test_every_generator_has_a_frozen_test_copy():
+    from kvp.data import GENERATORS
+
+    assert sorted({name for name, _ in FROZEN.values()}) == sorted(GENERATORS)

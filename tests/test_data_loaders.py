@@ -1,9 +1,11 @@
-"""HotpotQA / MuSiQue on fixture files, offline errors, the JSONL validator, mixtures."""
+"""HotpotQA / MuSiQue on fixture files, offline errors, the JSONL validator, mixtures (and the
+general one), JSONL round trips of the generators."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,45 @@ def test_mixture_weights_round_to_the_total():
     assert component_counts({"biography": 64, "niah": 128}, None) == {"biography": 64, "niah": 128}
     with pytest.raises(ValueError, match="weights"):
         component_counts({"a": 0.5}, None)
+
+
+SMALL_NIAH = {"niah": {"context_tokens": 256, "chunk_chars": 400}}
+
+
+def test_general_mixture_holds_every_generator_but_the_held_out_one():
+    from kvp.data import GENERATORS
+
+    mix = load_dataset("general", "train", n=29, seed=1, holdout="tables", options=SMALL_NIAH)
+    counts = Counter(s.meta["dataset"] for s in mix)
+    assert set(counts) == set(GENERATORS) - {"tables"}
+    assert sorted(counts.values()) == [4] * 6 + [5]  # equal shares of n
+    assert all(s.meta["split"] == "train" for s in mix)
+    assert mix == load_dataset("general", "train", n=29, seed=1, holdout="tables",
+                               options=SMALL_NIAH)
+    val = load_dataset("general", "val", n=7, seed=1, holdout="multihop", options=SMALL_NIAH)
+    assert {s.meta["split"] for s in val} == {"val"} and "multihop" not in {
+        s.meta["dataset"] for s in val}
+    with pytest.raises(ValueError, match="holdout='squad'.*biography.*codedocs"):
+        load_dataset("general", "train", n=7, holdout="squad")
+    with pytest.raises(ValueError, match="holdout=..."):
+        load_dataset("general", "train", n=7)
+    with pytest.raises(ValueError, match="held-out generator 'niah'"):
+        load_dataset("general", "train", n=7, holdout="niah", options=SMALL_NIAH)
+
+
+def test_trained_on_names_what_a_wrapper_has_seen():
+    from kvp.data.mixture import trained_on
+
+    assert trained_on("biography", {}) == {"biography"}
+    assert trained_on("mixture", {"components": {"biography": 3, "niah": 2}}) == {
+        "mixture", "biography", "niah"}
+    seen = trained_on("general", {"holdout": "events"})
+    assert "events" not in seen and {"products", "multihop", "niah"} <= seen
+
+
+@pytest.mark.parametrize("name", ["multihop", "products", "events", "abstracts", "tables",
+                                  "codedocs"])
+def test_generated_samples_round_trip_through_jsonl(name, tmp_path):
+    samples = load_dataset(name, "test", n=5, seed=2)
+    write_jsonl(samples, tmp_path / "x.jsonl")
+    assert load_dataset("jsonl", "test", n=None, path=tmp_path / "x.jsonl") == samples

@@ -90,6 +90,17 @@ def test_user_jsonl_through_notebook_03_started_in_notebooks(tmp_path):
     assert (fig_dir / "fig3_main_results_jsonl.png").is_file()
 
 
+def test_generated_test_set_with_a_transferred_adapter_through_notebook_03(tmp_path):
+    """Any generated dataset evaluates by name, with the adapter of another dataset."""
+    out_dir, fig_dir = execute("03_evaluate", {
+        "DATASET": "multihop", "N_SAMPLES": 2, "N_DOCS": 4, "ADAPTER": "shipped:biography",
+        "MAX_NEW_TOKENS": 4, "METHODS": ["full_recompute", "no_recompute", "kv_packet"]},
+        tmp_path)
+    table = read_run_results(out_dir).table
+    assert set(table.dataset) == {"multihop"} and set(table.n) == {2}
+    assert (fig_dir / "fig3_main_results_multihop.png").is_file()
+
+
 def test_unknown_parameter_name_is_refused(tmp_path):
     with pytest.raises(papermill.PapermillExecutionError) as info:
         execute("03_evaluate", {"N_SAMPLE": 2}, tmp_path)

@@ -87,3 +87,11 @@ def test_method_grid_expands_settings_and_wrapper_specs(smollm):
     assert (wrapper.h, wrapper.t) == (8, 8)
     with pytest.raises(ConfigError, match="'no/such/file'.*untrained"):
         load_wrapper("no/such/file", model, "smollm2-135m", "biography")
+
+
+def test_generated_datasets_are_valid_dataset_parameters():
+    from kvp.data import GENERATORS
+
+    validate_params({"DATASET": "multihop", "DATASETS": list(GENERATORS)})
+    for name in ("biography", "multihop", "tables", "codedocs"):
+        assert dataset_options(name, 4, 1536, 1000) == {"num_docs": 4}

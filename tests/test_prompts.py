@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvp.data import Sample, load_dataset
+from kvp.data import DOMAINS, Sample, load_dataset
 from kvp.data.prompts import (
     ANSWER_INSTRUCTIONS,
     build_conversation,
@@ -27,7 +27,9 @@ def prompt_samples() -> list[Sample]:
             + load_dataset("niah", "test", n=2, seed=0, context_tokens=512, chunk_chars=500,
                            variant="multivalue")
             + load_dataset("hotpotqa", "test", n=None, path=fixtures / "hotpotqa_original.json")
-            + load_dataset("musique", "test", n=None, path=fixtures / "musique_dev.jsonl"))
+            + load_dataset("musique", "test", n=None, path=fixtures / "musique_dev.jsonl")
+            + [s for name in ("multihop", *DOMAINS)  # multi-line tables, code and sheets
+               for s in load_dataset(name, "test", n=1, seed=0, num_docs=3)])
 
 
 def template_ids(tokenizer, conversation) -> list[int]:

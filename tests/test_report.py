@@ -9,12 +9,17 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from kvp.adapters import ADAPTER_DIR, BIOGRAPHY_CHOICE, SHIFTS, load_adapter
+from kvp.adapters import (ADAPTER_DIR, BIOGRAPHY_CHOICE, SHIFTS, load_adapter, recipe,
+                          shift_options)
+from kvp.data import DOMAINS
+from kvp.evaluate import hop_breakdown
 from kvp.metrics import agreement_f1
 from kvp.packet import PacketWrapper
-from kvp.report import (append_results, check_rows_budget, evaluate_adapters, main,
-                        paired_agreement, plot_adapter_results, read_rows, results_from_rows,
-                        results_markdown, seed_summary, seed_summary_markdown, sweep_table)
+from kvp.report import (append_results, breakdown_markdown, check_rows_budget, evaluate_adapters,
+                        main, paired_agreement, plot_adapter_results, read_rows,
+                        results_from_rows, results_markdown, seed_summary, seed_summary_markdown,
+                        sweep_table)
+from kvp.train import TrainConfig, training_samples
 
 
 def test_evaluation_table_on_two_samples(tmp_path, smollm):
@@ -176,3 +181,66 @@ def test_a_retrained_adapter_of_the_same_name_is_evaluated_again(tmp_path, smoll
     assert len(second) == len(first) == 3 and list(kv.wrapper_fingerprint) == [retrained.fingerprint()]
     base = lambda t: t[t.method != "kv_packet"].ttft_ms.tolist()  # noqa: E731
     assert base(second) == pytest.approx(base(first))  # the baselines were reused, not re-timed
+
+
+def test_holdout_cells_use_the_standard_test_and_name_bad_shifts():
+    assert shift_options("niah", "holdout-tables") == SHIFTS["niah"]["none"]
+    assert shift_options("multihop", "holdout-products") == {"num_docs": 5}
+    with pytest.raises(ValueError, match="holdout='squad'"):
+        shift_options("products", "holdout-squad")
+    with pytest.raises(ValueError, match="'docs10'.*holdout-<generator>"):
+        shift_options("tables", "docs10")
+    with pytest.raises(SystemExit):  # refused before any model loads
+        main(["evaluate", "--dataset", "niah", "--holdout", "tables", "--shift", "long_docs"])
+
+
+def test_general_recipes_train_on_every_generator_but_the_held_out_one():
+    for held in DOMAINS:
+        config = recipe("qwen2.5-coder-0.5b", f"general-{held}")
+        assert config.dataset == "general" and config.dataset_options["holdout"] == held
+    small = TrainConfig(**{**recipe("smollm2-135m", "general-tables").to_dict(),
+                           "n_samples": 14, "batch_size": 7, "n_val": 7})
+    seen = {s.meta["dataset"] for s in training_samples(small)}
+    assert "tables" not in seen and len(seen) == 7
+    assert {s.meta["split"] for s in training_samples(small, "val")} == {"val"}
+
+
+def test_f1_per_hop_count_by_hand():
+    def row(sample, method, wrapper, hops, answer, gold):
+        return {"sample_id": sample, "method": method, "wrapper": wrapper, "meta_hops": hops,
+                "answer": answer, "gold": [gold]}
+
+    rows = pd.DataFrame([row(1, "full_recompute", "", 2, "Oslo", "Oslo"),
+                         row(2, "full_recompute", "", 3, "Lima Peru", "Lima"),
+                         row(3, "full_recompute", "", 3, "Rome", "Rome"),
+                         row(1, "kv_packet", "general-tables-seed0", 2, "Bonn", "Oslo"),
+                         row(2, "kv_packet", "general-tables-seed0", 3, "Lima", "Lima"),
+                         row(3, "kv_packet", "general-tables-seed0", 3, "Rome", "Rome")])
+    table = hop_breakdown(rows)
+    assert list(table.index) == [2, 3] and table.index.name == "hops"
+    # 3 hops, full recompute: tp = 2, fp = 1, fn = 0 over the two samples -> F1 = 0.8
+    assert table.loc[3, "full_recompute"] == pytest.approx(0.8)
+    assert table.loc[2, "kv_packet general-tables-seed0"] == 0.0
+    assert table.loc[3, "kv_packet general-tables-seed0"] == 1.0
+    assert breakdown_markdown(table).splitlines()[0] == (
+        "| hops | full_recompute | kv_packet general-tables-seed0 |")
+    plain = hop_breakdown(rows.drop(columns="wrapper").assign(setting=""))  # kvp.evaluate rows
+    assert list(plain.columns) == ["full_recompute", "kv_packet"]
+    assert plain.loc[3, "kv_packet"] == 1.0
+
+
+def test_cli_holdout_cell_names_the_held_out_domain(tmp_path, monkeypatch, smollm):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="general-products"):  # before any baseline runs
+        main(["evaluate", "--dataset", "multihop", "--holdout", "products", "--n", "1"])
+    assert not (tmp_path / "results").exists()
+    main(["evaluate", "--dataset", "multihop", "--holdout", "products", "--wrappers",
+          "biography-seed0", "--n", "1", "--max-new-tokens", "2"])
+    out = tmp_path / "results" / "adapters"
+    table = pd.read_csv(out / "results.csv", keep_default_na=False)
+    assert set(table.split_shift) == {"holdout-products"} and set(table.dataset) == {"multihop"}
+    assert list(table.method) == ["full_recompute", "no_recompute", "kv_packet"]
+    rows = read_rows(out / "rows" / "smollm2-135m__multihop__holdout-products.csv.gz")
+    assert set(rows.meta_hops) <= {2, 3} and set(rows.split_shift) == {"holdout-products"}
+    assert len(paired_agreement(out / "rows" / "smollm2-135m__multihop__holdout-products.csv.gz",
+                                n_boot=20)) == 1

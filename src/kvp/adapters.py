@@ -14,6 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from kvp import distributed
+from kvp.data import DOMAINS, GENERATORS
+from kvp.data.mixture import general_components
 from kvp.models import load_model
 from kvp.packet import PacketWrapper
 from kvp.results import atomic_path
@@ -32,7 +34,25 @@ SHIFTS: dict[str, dict[str, dict]] = {
     "niah": {"none": NIAH_OPTIONS,
              "long_docs": {**NIAH_OPTIONS, "chunk_chars": 2000},
              "long_context": {**NIAH_OPTIONS, "context_tokens": 3072}},
+    **{name: {"none": {"num_docs": 5}} for name in ("multihop", *DOMAINS)},
 }
+# A cell "holdout-<generator>" is the standard ("none") test of a dataset, evaluated for general
+# wrappers trained without that generator (kvp.data.mixture.load_general).
+HOLDOUT = "holdout-"
+
+
+def shift_options(dataset: str, shift: str) -> dict:
+    """``load_dataset`` options of the test cell (``dataset``, ``shift``): a ``SHIFTS`` entry, or
+    for ``holdout-<generator>`` the dataset's standard test; ``ValueError`` names the choices."""
+    if dataset not in SHIFTS:
+        raise ValueError(f"no test cells for dataset {dataset!r}; use one of {sorted(SHIFTS)}")
+    if shift.startswith(HOLDOUT):
+        general_components(shift.removeprefix(HOLDOUT))  # names the generators if unknown
+        return SHIFTS[dataset]["none"]
+    if shift not in SHIFTS[dataset]:
+        raise ValueError(f"shift {shift!r}: use one of {sorted(SHIFTS[dataset])} or "
+                         f"'{HOLDOUT}<generator>'")
+    return SHIFTS[dataset][shift]
 NIAH_TRAIN_OPTIONS = {"context_tokens": 1536, "chunk_chars": 1000, "variant": "single"}
 
 # The recipe sweep (data/adapters/README.md, "Recipe sweep"): a base recipe and named one-factor
@@ -85,6 +105,16 @@ RECIPES: dict[tuple[str, str], TrainConfig] = {
         model="qwen2.5-coder-1.5b", **{**BIOGRAPHY_BASE, **SWEEP[BIOGRAPHY_CHOICE], "epochs": 10}),
     **{(m, "niah"): TrainConfig(model=m, **NIAH_BASE)
        for m in ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")},
+    # General wrappers, leave-one-domain-out: "general-<kind>" trains on every generator but that
+    # kind of document, 64 samples each (NIAH at the CPU-sized context), with the biography recipe's
+    # optimiser; it is then evaluated on the held-out kind (--holdout), on NIAH and on multihop.
+    **{(m, f"general-{held}"): TrainConfig(
+        model=m, dataset="general", n_samples=64 * (len(GENERATORS) - 1),
+        n_val=8 * (len(GENERATORS) - 1),
+        dataset_options={"holdout": held, "options": {"niah": NIAH_TRAIN_OPTIONS}},
+        epochs=12, batch_size=32, micro_batch=4, lr=0.6, lr_scale="embed_std", max_new_tokens=32,
+        autocast=False, tf32=True, checkpoint_every=20)
+       for m in ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b") for held in DOMAINS},
 }
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from kvp import distributed
 from kvp.data import Sample, load_dataset
+from kvp.data.mixture import trained_on
 from kvp.data.prompts import build_segments, dataset_of, extract_answer, generation_config
 from kvp.methods import Method, QueryContext, make_context, run_method
 from kvp.metrics import agreement_f1, bootstrap_ci, f1_micro, token_f1
@@ -68,12 +69,12 @@ def check_documents(model, tokenizer, sample: Sample, wrapper: PacketWrapper | N
 
 def warn_on_transfer(wrapper: PacketWrapper | None, samples: list[Sample]) -> None:
     """Warn when the wrapper was trained on another dataset than the samples' (a mixture covers its
-    components)."""
+    components, the general mixture every generator but its held-out one)."""
     config = (wrapper.record or {}).get("config", {}) if wrapper is not None else {}
     trained = config.get("dataset")
     if not trained or not samples:
         return
-    covered = {trained, *config.get("dataset_options", {}).get("components", {})}
+    covered = trained_on(trained, config.get("dataset_options", {}))
     evaluated = sorted({s.meta.get("dataset", "jsonl") for s in samples} - covered)
     if evaluated:
         warnings.warn(f"the wrapper was trained on {trained!r} and is applied to {evaluated}: "
@@ -175,6 +176,27 @@ def method_summary(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.
                         "agree_f1": agree, "retention": retention,
                         "ttft_ms": g.ttft_ms.median(), "flops": g.flops.mean()})
     return pd.DataFrame(out)
+
+
+def meta_breakdown(rows: pd.DataFrame, key: str, label: str) -> pd.DataFrame:
+    """Micro F1 per integer value of the sample meta field ``key`` (row column ``meta_<key>``).
+
+    One column per method and setting (rows of :func:`evaluate`) or per method and wrapper (rows
+    of ``kvp.adapters.evaluate_adapters``); the index is named ``label``.
+    """
+    extra = rows["wrapper"] if "wrapper" in rows else rows["setting"]
+    rows = rows.assign(column=rows.method + extra.fillna("").map(lambda w: f" {w}" if w else ""),
+                       group=rows[f"meta_{key}"].astype(int))
+    table = rows.groupby(["group", "column"], sort=True).apply(
+        lambda g: f1_micro(list(g.answer), list(g.gold)), include_groups=False).unstack()
+    table.index.name = label
+    table.columns.name = None
+    return table
+
+
+def hop_breakdown(rows: pd.DataFrame) -> pd.DataFrame:
+    """Micro F1 per hop count of multihop rows (``meta["hops"]``), one column per method."""
+    return meta_breakdown(rows, "hops", "hops")
 
 
 def main(argv: list[str] | None = None) -> int:

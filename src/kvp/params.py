@@ -23,7 +23,7 @@ from types import NoneType, UnionType
 from typing import Any, Optional, Union, get_args, get_origin
 
 from kvp.adapters import ADAPTER_DIR, RECIPES, load_adapter
-from kvp.data import DATASETS
+from kvp.data import DATASETS, DOMAINS
 from kvp.methods import METHODS, get_method
 from kvp.models import registry_names
 from kvp.packet import PacketWrapper
@@ -205,11 +205,12 @@ def dataset_options(dataset: str, n_docs: int, context_tokens: int, chunk_chars:
                     data_path: str = "") -> dict:
     """``load_dataset`` keyword arguments from the notebooks' dataset parameters.
 
-    Biography takes ``N_DOCS`` documents per sample; NIAH a haystack of ``CONTEXT_TOKENS``
-    tokens cut into chunks of at most ``CHUNK_CHARS`` characters; jsonl (and a local copy of
-    hotpotqa / musique) the file ``DATA_PATH``, resolved against the repository root.
+    Biography, multihop and the generated domains take ``N_DOCS`` documents per sample; NIAH a
+    haystack of ``CONTEXT_TOKENS`` tokens cut into chunks of at most ``CHUNK_CHARS`` characters;
+    jsonl (and a local copy of hotpotqa / musique) the file ``DATA_PATH``, resolved against the
+    repository root.
     """
-    if dataset == "biography":
+    if dataset in ("biography", "multihop", *DOMAINS):
         return {"num_docs": n_docs}
     if dataset == "niah":
         return {"context_tokens": context_tokens, "chunk_chars": chunk_chars}

@@ -19,12 +19,13 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from kvp import distributed
-from kvp.adapters import (ADAPTER_DIR, RECIPES, SHIFTS, SWEEP, adapter_of, load_adapter,
-                          parse_adapter, sweep_variant, train_recipe)
-from kvp.data import load_dataset
-from kvp.evaluate import EvalSettings, evaluate, method_summary
+from kvp.adapters import (ADAPTER_DIR, HOLDOUT, RECIPES, SHIFTS, SWEEP, adapter_of,
+                          load_adapter, parse_adapter, shift_options, sweep_variant,
+                          train_recipe)
+from kvp.data import GENERATORS, load_dataset
+from kvp.evaluate import EvalSettings, evaluate, hop_breakdown, meta_breakdown, method_summary
 from kvp.methods import get_method
-from kvp.metrics import agreement_f1, f1_micro, paired_bootstrap
+from kvp.metrics import agreement_f1, paired_bootstrap
 from kvp.models import load_model
 from kvp.packet import PacketStore
 from kvp.plots import (method_label, method_style, plot_fidelity_vs_size, save_fig,
@@ -86,7 +87,7 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
         check_rows_budget(rows_path, max_new_tokens)
     model, tokenizer, spec = load_model(model_name, dtype=dtype)
     spec.require_trained()
-    samples = load_dataset(dataset, "test", n=n, seed=42, **SHIFTS[dataset][shift])
+    samples = load_dataset(dataset, "test", n=n, seed=42, **shift_options(dataset, shift))
     settings = EvalSettings(model_name, max_new_tokens=max_new_tokens)
     store = PacketStore(model, tokenizer, model_name, max_in_memory=64)  # documents don't recur
     order = {s.id: i for i, s in enumerate(samples)}
@@ -117,11 +118,14 @@ def evaluate_adapters(model_name: str, dataset: str, shift: str, n: int,
                                              .assign(split_shift=shift)))
         return parts[-1]
 
-    run(["full_recompute", "no_recompute"], -1, "")
+    loaded = []  # every wrapper loads before the baselines run: a missing one fails at once
     for name in wrappers or [f"{dataset}-seed0"]:
         wrapper_dataset, seed = parse_adapter(name)
-        run(["kv_packet"], seed, f"{wrapper_dataset}-seed{seed}",
-            load_adapter(model_name, wrapper_dataset, seed, root))
+        loaded.append((seed, f"{wrapper_dataset}-seed{seed}",
+                       load_adapter(model_name, wrapper_dataset, seed, root)))
+    run(["full_recompute", "no_recompute"], -1, "")
+    for seed, name, wrapper in loaded:
+        run(["kv_packet"], seed, name, wrapper)
     return cell_results(pd.concat(parts, ignore_index=True), shift, max_new_tokens)
 
 
@@ -154,13 +158,16 @@ def results_from_rows(rows_dir: Path, n_boot: int = 1000) -> pd.DataFrame:
 
 def slot_breakdown(rows: pd.DataFrame) -> pd.DataFrame:
     """Micro F1 per target-document slot (biography rows), one column per (method, wrapper)."""
-    rows = rows.assign(column=rows.method + rows.wrapper.map(lambda w: f" {w}" if w else ""))
-    rows = rows.assign(meta_target_slot=rows.meta_target_slot.astype(int))
-    table = rows.groupby(["meta_target_slot", "column"]).apply(
-        lambda g: f1_micro(list(g.answer), list(g.gold)), include_groups=False).unstack()
-    table.index.name = "target slot"
-    table.columns.name = None
-    return table
+    return meta_breakdown(rows, "target_slot", "target slot")
+
+
+def breakdown_markdown(table: pd.DataFrame) -> str:
+    """A :func:`kvp.evaluate.meta_breakdown` table as markdown."""
+    lines = [f"| {table.index.name} | " + " | ".join(table.columns) + " |",
+             "|---" * (len(table.columns) + 1) + "|"]
+    lines += [f"| {key} | " + " | ".join(f"{v:.3f}" for v in row) + " |"
+              for key, row in table.iterrows()]
+    return "\n".join(lines) + "\n"
 
 
 ROW_KEY = ["sample_id", "method", "wrapper"]
@@ -446,7 +453,10 @@ def main(argv: list[str] | None = None) -> int:
                         "--update-shipped)")
     ev.add_argument("--model", default="smollm2-135m", help="registry name of the model")
     ev.add_argument("--dataset", required=True, choices=sorted(SHIFTS), help="test set")
-    ev.add_argument("--shift", default="none", help="held-out context shift (kvp.report.SHIFTS)")
+    ev.add_argument("--shift", default="none", help="held-out context shift (kvp.adapters.SHIFTS)")
+    ev.add_argument("--holdout", default=None, choices=GENERATORS,
+                    help="leave-one-domain-out: the cell 'holdout-HOLDOUT' (the standard test of "
+                    "DATASET) with, by default, the wrapper general-HOLDOUT-seed0")
     ev.add_argument("--wrappers", nargs="+", default=None,
                     help="adapters to compare, e.g. niah-seed0 niah-seed1 mixture-seed0 "
                     "(default: DATASET-seed0)")
@@ -480,8 +490,15 @@ def main(argv: list[str] | None = None) -> int:
             for out, config in runs.items():
                 save_loss_figure(out, config.title)
     elif args.command == "evaluate":
-        if args.shift not in SHIFTS[args.dataset]:
-            parser.error(f"--shift {args.shift!r}: use one of {sorted(SHIFTS[args.dataset])}")
+        if args.holdout is not None:
+            if args.shift != "none":
+                parser.error("--holdout names the cell itself; drop --shift")
+            args.shift = HOLDOUT + args.holdout
+            args.wrappers = args.wrappers or [f"general-{args.holdout}-seed0"]
+        try:
+            shift_options(args.dataset, args.shift)
+        except ValueError as err:
+            parser.error(f"--shift: {err}")
         if args.update_shipped and args.out is not None:
             parser.error("--update-shipped writes into data/adapters; drop --out or it")
         out = ADAPTER_DIR if args.update_shipped else args.out or Path("results") / "adapters"
@@ -505,14 +522,15 @@ def main(argv: list[str] | None = None) -> int:
         results = pd.read_csv(args.root / "results.csv", keep_default_na=False)
         print(seed_summary_markdown(results, args.root / "rows"), end="")
         save_fig(plot_adapter_results(results), "results", fig_dir=args.root)
-        print("\n" + sweep_markdown(sweep_table(args.root, results)))
-        for path in sorted(args.root.glob("rows/*__biography__none.csv.gz")):
-            print(f"\nF1 by target slot, {path.name.split('__')[0]}:\n")
-            table = slot_breakdown(read_rows(path))
-            print("| target slot | " + " | ".join(table.columns) + " |")
-            print("|---" * (len(table.columns) + 1) + "|")
-            for slot, row in table.iterrows():
-                print(f"| {slot} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+        sweep = sweep_table(args.root, results)
+        if len(sweep):  # a results directory of evaluations only has no sweep
+            print("\n" + sweep_markdown(sweep))
+        for pattern, title, breakdown in [("*__biography__none", "target slot", slot_breakdown),
+                                          ("*__multihop__*", "hop count", hop_breakdown)]:
+            for path in sorted(args.root.glob(f"rows/{pattern}.csv.gz")):
+                model, _, shift = path.name.removesuffix(".csv.gz").split("__")
+                print(f"\nF1 by {title}, {model} ({shift}):\n")
+                print(breakdown_markdown(breakdown(read_rows(path))), end="")
         save_fig(plot_fidelity_vs_size(seed_summary(results), PAPER_POINTS, MODEL_PARAMETERS),
                  "fidelity", fig_dir=args.root)
     elif args.command == "rebuild":

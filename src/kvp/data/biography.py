@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import calendar
 import datetime
-import hashlib
 import random
 from dataclasses import dataclass
 from functools import cache
 
-from kvp.data import Sample, check_split, resource_json, resource_lines, seeded_rng
+from kvp.data import (Sample, check_count, check_slots, check_split, hash_split, resource_json,
+                      resource_lines, seeded_rng)
 
 ATTRIBUTES = ("birth_date", "birth_place", "current_location", "university", "major", "company")
 BIRTH_YEARS = (1950, 2002)
@@ -60,11 +60,7 @@ class BiographyConfig:
     attributes: tuple[str, ...] = ATTRIBUTES
 
     def __post_init__(self):
-        if self.num_docs < 1:
-            raise ValueError(f"num_docs={self.num_docs} must be >= 1")
-        if self.target_slot is not None and not -self.num_docs <= self.target_slot < self.num_docs:
-            raise ValueError(f"target_slot={self.target_slot} is outside the {self.num_docs} slots; "
-                             f"use None (uniform) or an index in [-{self.num_docs}, {self.num_docs - 1}]")
+        check_slots(self.num_docs, self.target_slot)
         if self.doc_length_factor < 1:
             raise ValueError(f"doc_length_factor={self.doc_length_factor} must be >= 1 "
                              "(1 = six attribute sentences, 2 = about twice as long)")
@@ -76,15 +72,8 @@ class BiographyConfig:
 
 # --------------------------------------------------------------------------- people
 def person_split(name: str) -> str:
-    """``"train"``, ``"val"`` or ``"test"``, fixed by the SHA-256 of the full name.
-
-    Half of the names are test people; of the other half, one in eight are validation people (for
-    checkpoint and recipe selection), the rest training people. The three sets are disjoint.
-    """
-    digest = hashlib.sha256(name.encode()).digest()
-    if digest[0] % 2:
-        return "test"
-    return "val" if digest[1] % 8 == 0 else "train"
+    """``"train"``, ``"val"`` or ``"test"`` of the person called ``name`` (:func:`hash_split`)."""
+    return hash_split(name)
 
 
 @cache
@@ -119,12 +108,17 @@ def format_date(date: datetime.date) -> str:
     return f"{calendar.month_name[date.month]} {date.day}, {date.year}"
 
 
+def date_variants(date: datetime.date) -> list[str]:
+    """Acceptable answers for a date: as written in documents, day first, and ISO."""
+    return [format_date(date), f"{date.day} {calendar.month_name[date.month]} {date.year}",
+            date.isoformat()]
+
+
 def answer_variants(person: Person, attribute: str) -> list[str]:
     """Acceptable answers for ``attribute``: the value, plus other date formats for dates."""
     if attribute != "birth_date":
         return [getattr(person, attribute)]
-    d = person.birth_date
-    return [format_date(d), f"{d.day} {calendar.month_name[d.month]} {d.year}", d.isoformat()]
+    return date_variants(person.birth_date)
 
 
 def value_text(person: Person, attribute: str) -> str:
@@ -185,7 +179,6 @@ def generate_biography(split: str = "test", n: int | None = 100, seed: int = 42,
     so a smaller ``n`` gives a prefix of a larger one.
     """
     check_split(split)
-    if n is None or n < 0:
-        raise ValueError(f"n={n!r}: a generated dataset needs a sample count n >= 0")
+    check_count(n)
     config = BiographyConfig(**options)
     return [make_sample(split, seed, i, config) for i in range(n)]

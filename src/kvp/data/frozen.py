@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvp.data import load_dataset
+from kvp.data import DOMAINS, load_dataset
 from kvp.data.jsonl import write_jsonl
 
 # relative path under data/ -> (dataset, load_dataset arguments)
@@ -17,6 +17,9 @@ FROZEN: dict[str, tuple[str, dict]] = {
     "biography/test_5docs.jsonl": ("biography", dict(split="test", n=100, seed=42, num_docs=5)),
     "niah/test.jsonl": ("niah", dict(split="test", n=100, seed=42, context_tokens=1536,
                                      chunk_chars=1000)),
+    "multihop/test_5docs.jsonl": ("multihop", dict(split="test", n=100, seed=42, num_docs=5)),
+    **{f"{name}/test_5docs.jsonl": (name, dict(split="test", n=100, seed=42, num_docs=5))
+       for name in DOMAINS},
 }
 
 

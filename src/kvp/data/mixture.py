@@ -6,13 +6,17 @@ See docs/method.md#training-objective.
 float weights together with a total ``n`` (counts are the weights' largest-remainder rounding).
 ``options`` passes loader options per component, e.g. ``{"hotpotqa": {"path": ...},
 "biography": {"num_docs": 3}}``. Each component draws from its own seed derived from ``seed``.
+
+``general`` is the mixture of every generator (``kvp.data.GENERATORS``) except the ``holdout``
+one, in equal shares of ``n``: the training data of a wrapper that is then tested on the domain
+it never saw (leave-one-domain-out, docs/protocol.md#context-shifts).
 """
 
 from __future__ import annotations
 
 import math
 
-from kvp.data import DATASETS, Sample, load_dataset, seeded_rng
+from kvp.data import DATASETS, GENERATORS, Sample, load_dataset, seeded_rng
 
 
 def component_counts(components: dict[str, float], n: int | None) -> dict[str, int]:
@@ -46,7 +50,7 @@ def load_mixture(split: str = "train", n: int | None = None, seed: int = 0,
                          "'val' for its validation samples)")
     counts = component_counts(components or {}, n)
     options = options or {}
-    allowed = [d for d in DATASETS if d != "mixture"]
+    allowed = [d for d in DATASETS if d not in ("mixture", "general")]
     bad = [name for name in [*counts, *options] if name not in allowed]
     if bad:
         raise ValueError(f"unknown mixture component(s) {bad}; use names from {allowed}")
@@ -56,3 +60,36 @@ def load_mixture(split: str = "train", n: int | None = None, seed: int = 0,
         samples += load_dataset(name, split, count, component_seed, **options.get(name, {}))
     seeded_rng("mixture-order", seed).shuffle(samples)
     return samples
+
+
+def general_components(holdout: str) -> list[str]:
+    """The generators of the ``general`` mixture: every one but ``holdout``."""
+    if holdout not in GENERATORS:
+        raise ValueError(f"holdout={holdout!r}: hold out one of the generators {list(GENERATORS)}")
+    return [g for g in GENERATORS if g != holdout]
+
+
+def load_general(split: str = "train", n: int | None = None, seed: int = 0,
+                 holdout: str | None = None, options: dict[str, dict] | None = None
+                 ) -> list[Sample]:
+    """``n`` samples of ``split``: every generator except ``holdout``, in equal shares (the
+    largest-remainder rounding of :func:`component_counts`); ``options`` as in
+    :func:`load_mixture` (an option for the held-out generator is an error)."""
+    if holdout is None:
+        raise ValueError(f"the general mixture needs holdout=..., the generator to leave out: "
+                         f"one of {list(GENERATORS)}")
+    components = general_components(holdout)
+    if holdout in (options or {}):
+        raise ValueError(f"options name the held-out generator {holdout!r}; drop its options")
+    if n is None:
+        raise ValueError("the general mixture needs a total sample count n")
+    return load_mixture(split, n, seed, {name: 1 for name in components}, options)
+
+
+def trained_on(dataset: str, options: dict) -> set[str]:
+    """The datasets whose samples a wrapper trained on ``dataset`` with ``options`` has seen."""
+    if dataset == "mixture":
+        return {dataset, *options.get("components", {})}
+    if dataset == "general" and "holdout" in options:
+        return {dataset, *general_components(options["holdout"])}
+    return {dataset}

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
-from kvp.data import Sample, check_split, resource_json, resource_text, seeded_rng
+from kvp.data import Sample, check_count, check_split, resource_json, resource_text, seeded_rng
 
 VARIANTS = ("single", "multikey", "multivalue")
 NEEDLE = "One of the special magic numbers for {key} is: {value}."
@@ -177,8 +177,7 @@ def generate_niah(split: str = "test", n: int | None = 100, seed: int = 42, toke
     (split, seed, i, options, tokenizer).
     """
     check_split(split)
-    if n is None or n < 0:
-        raise ValueError(f"n={n!r}: a generated dataset needs a sample count n >= 0")
+    check_count(n)
     config = NiahConfig(**options)
     count = token_counter(tokenizer)
     return [make_sample(split, seed, i, config, count) for i in range(n)]

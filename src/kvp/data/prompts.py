@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kvp.data import DATASETS, Sample
+from kvp.data import DATASETS, DOMAINS, Sample
 from kvp.generate import GenerationConfig
 
 SEPARATOR = "\n"
@@ -28,20 +28,25 @@ PLACEHOLDER = "\x00KVP-USER-CONTENT\x00"
 SHORT_ANSWER = "Respond with the answer only. Answer:"
 REASONING = ('Think step by step, then give the final answer on a last line of the form '
              '"Short Answer: <answer>", with the answer in a few words.')
-ANSWER_INSTRUCTIONS = {
-    "biography": SHORT_ANSWER,
-    "niah": "Respond with the special magic number(s) only, separated by spaces. Answer:",
-    "hotpotqa": REASONING,
-    "musique": REASONING,
-    "jsonl": SHORT_ANSWER,
-}
 INSTRUCTIONS = {
     "biography": "Answer the question about a person using the biographies below.",
     "niah": "Below is a long text with some special magic numbers hidden in it. "
             "Find the number asked for in the question.",
+    "multihop": "Answer the question by combining facts from several of the documents below.",
+    "products": "Answer the question about a product using the product sheets below.",
+    "events": "Answer the question about an event using the reports below.",
+    "abstracts": "Answer the question about a study using the abstracts below.",
+    "tables": "Answer the question using the weather tables below.",
+    "codedocs": "Answer the question about a function using the documentation below.",
     "hotpotqa": "Answer the question using the documents below.",
     "musique": "Answer the question using the documents below.",
     "jsonl": "Answer the question using the documents below.",
+}
+ANSWER_INSTRUCTIONS = {
+    **{name: SHORT_ANSWER for name in INSTRUCTIONS},
+    "niah": "Respond with the special magic number(s) only, separated by spaces. Answer:",
+    "hotpotqa": REASONING,
+    "musique": REASONING,
 }
 REASONING_DATASETS = ("hotpotqa", "musique")
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>",
@@ -151,7 +156,8 @@ def segment_ids(tokenizer, segments: PromptSegments) -> tuple[list[int], list[li
 
 
 # Greedy decoding budgets in tokens (docs/protocol.md#datasets).
-MAX_NEW_TOKENS = {"biography": 32, "niah": 128, "musique": 256, "hotpotqa": 512, "jsonl": 64}
+MAX_NEW_TOKENS = {"biography": 32, "niah": 128, "musique": 256, "hotpotqa": 512, "jsonl": 64,
+                  "multihop": 32, **{name: 32 for name in DOMAINS}}
 
 
 def generation_config(tokenizer, dataset: str, max_new_tokens: int | None = None):
@@ -177,7 +183,8 @@ def extract_answer(text: str, dataset: str) -> str:
       non-empty line;
     * niah: the numbers in the generation, space-separated (the answers are magic numbers; a
       sentence around them is not part of the answer);
-    * biography / jsonl: the first non-empty line.
+    * every other dataset (biography, the generated domains, multihop, jsonl): the first
+      non-empty line.
 
     A leading ``Answer:`` label is removed in every case.
     """
