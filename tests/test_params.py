@@ -6,10 +6,11 @@ from typing import Optional, Union
 
 import pytest
 
-from kvp.methods import get_method
-from kvp.params import (ConfigError, check_params, load_wrapper, method_grid, parameters_cell,
-                        training_dataset_options, validate_params)
 from kvp.adapters import NIAH_TRAIN_OPTIONS, RECIPES
+from kvp.data import GENERATORS
+from kvp.methods import get_method
+from kvp.params import (ConfigError, check_params, dataset_options, load_wrapper, method_grid,
+                        parameters_cell, training_dataset_options, validate_params)
 from kvp.plots import setting_label
 
 
@@ -90,8 +91,6 @@ def test_method_grid_expands_settings_and_wrapper_specs(smollm):
 
 
 def test_generated_datasets_are_valid_dataset_parameters():
-    from kvp.data import GENERATORS
-
     validate_params({"DATASET": "multihop", "DATASETS": list(GENERATORS)})
     for name in ("biography", "multihop", "tables", "codedocs"):
         assert dataset_options(name, 4, 1536, 1000) == {"num_docs": 4}
