@@ -9,7 +9,7 @@ from kvp.methods import get_method, run_method
 
 
 def test_full_recompute_matches_hf_generate(smollm, ctx):
-    model, tokenizer = smollm.model, smollm.tokenizer
+    model = smollm.model
     result = run_method(get_method("full_recompute"), ctx, GenerationConfig(max_new_tokens=16))
     joint = torch.cat([ctx.preamble_ids, *ctx.doc_ids, ctx.task_ids])[None]
     hf = model.generate(joint, attention_mask=torch.ones_like(joint), max_new_tokens=16,
