@@ -3,7 +3,8 @@
 A method is a dataclass whose fields are its hyper-parameters. ``prepare`` fetches what is built
 offline (packets from the ``PacketStore``); ``prefill`` is the timed query step: it assembles the
 cache, does whatever recompute the method needs, prefills the task prompt and returns the first
-token's logits. ``run_method`` times ``prefill`` (TTFT) and decodes the answer.
+token's logits. ``run_method`` times ``prefill`` (TTFT) and decodes the answer; ``run_methods``
+does the same for several methods on one sample, decoding their answers together.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from transformers import DynamicCache
 
 from kvp.cache import ChunkKV, encode, to_cache
 from kvp.flops import Arch, prefill_flops, rerotation_flops
-from kvp.generate import GenerationConfig, greedy_decode, prefill, timer
+from kvp.generate import (GenerationConfig, Prompted, greedy_decode, greedy_decode_batch,
+                          prefill, timer)
 from kvp.packet import Packet, PacketStore, PacketWrapper, assemble, check_length, tokenize_document
 
 
@@ -151,3 +153,22 @@ def run_method(method: Method, ctx: QueryContext, config: GenerationConfig = Gen
                                    out.next_pos, config)
     return MethodResult(method.name, method.setting, answer, tokens, t.seconds,
                         ctx.preamble_seconds, out.flops, out.n_recomputed, out.next_pos)
+
+
+def run_methods(methods: list[Method], ctx: QueryContext,
+                config: GenerationConfig = GenerationConfig()) -> list[MethodResult]:
+    """``run_method`` of every method on ``ctx``: each query step timed alone, one after the other,
+    then all answers decoded in one batch (``greedy_decode_batch``: the same tokens as decoding
+    each alone, tests/test_generate.py checks it)."""
+    steps = []
+    for method in methods:
+        prepared = method.prepare(ctx)
+        with timer(ctx.model.device) as t:
+            out = method.prefill(ctx, prepared)
+        steps.append((method, out, t.seconds))
+    decoded = greedy_decode_batch(ctx.model, ctx.tokenizer,
+                                  [Prompted(out.cache, out.first_logits, out.next_pos)
+                                   for _, out, _ in steps], config)
+    return [MethodResult(method.name, method.setting, answer, tokens, seconds, ctx.preamble_seconds,
+                         out.flops, out.n_recomputed, out.next_pos)
+            for (method, out, seconds), (answer, tokens) in zip(steps, decoded, strict=True)]
