@@ -9,12 +9,12 @@ import torch
 from kvpress import AdaKVPress, KeyRerotationPress, KnormPress, StreamingLLMPress
 from kvpress.utils import compute_n_kept
 
-from kvp.compress import (PRESSES, CompressedStore, JointCompressed, ProtectedPress,
+from kvp.compress import (PRESSES, CompressedStore, JointCompressed, OnStore, ProtectedPress,
                           compress_packet, compression_runs, make_press, min_tokens,
                           press_summary)
 from kvp.data import Sample
 from kvp.data.prompts import build_segments, segment_ids
-from kvp.evaluate import EvalSettings
+from kvp.evaluate import EvalSettings, evaluate
 from kvp.generate import GenerationConfig
 from kvp.methods import get_method, make_context, run_method
 from kvp.packet import PacketStore, PacketWrapper, assemble, build_packet, tokenize_document
@@ -203,5 +203,13 @@ def test_compression_sweep_table(smollm, wrapper):
     assert (positions[0.5] == positions[0.0]).all()  # compressed packets keep their positions
     assert kv[0.5, "packet"] == kv[0.5, "packet_protected"] < kv[0.0, "packet"]
     assert kv[0.5, "joint"] < kv[0.0, "joint"]
+    for (ratio, variant), row in runs.set_index(["ratio", "variant"]).iterrows():
+        press = make_press("knorm", ratio)  # each setting evaluated alone, on a fresh store
+        method = (JointCompressed(press) if variant == "joint" else OnStore(
+            get_method("kv_packet"), CompressedStore(model, tok, "smollm2-135m", press=press,
+                                                     protect_wrapper=variant == "packet_protected")))
+        alone = evaluate(model, tok, samples, [method], settings, wrapper).iloc[0]
+        assert (row.raw_answer, row.flops, row.context_tokens) == (
+            alone.raw_answer, alone.flops, alone.context_tokens)
     with pytest.raises(ValueError, match="packet_protected"):
         compression_runs(model, tok, samples, ["knorm"], [0.5], None, settings)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
@@ -201,6 +201,7 @@ class CompressedStore(PacketStore):
     press: BasePress | None = None
     protect_wrapper: bool = False
     allow_short: bool = False
+    kv_lengths: dict = field(default_factory=dict)  # key -> tokens kept, also after eviction
 
     def __post_init__(self):
         if self.press is None:
@@ -214,12 +215,45 @@ class CompressedStore(PacketStore):
         return (*super().key(document, wrapper), repr(self.press), str(self.protect_wrapper))
 
     def get(self, document: str, wrapper: PacketWrapper | None = None) -> Packet:
+        """The compressed packet, built on first use; beyond ``max_in_memory`` packets the least
+        recently used one is dropped (``kv_lengths`` keeps its kept length)."""
         key = self.key(document, wrapper)
         if key not in self._memory:
-            self._memory[key] = compress_packet(self.model, self.tokenizer, document, self.press,
-                                                wrapper, self.protect_wrapper, self.allow_short)
+            packet = compress_packet(self.model, self.tokenizer, document, self.press, wrapper,
+                                     self.protect_wrapper, self.allow_short)
+            self._memory[key], self.kv_lengths[key] = packet, packet.kv.length
             self.n_encoded += 1
+            while self.max_in_memory is not None and len(self._memory) > self.max_in_memory:
+                self._memory.popitem(last=False)
+        self._memory.move_to_end(key)
         return self._memory[key]
+
+    def kv_length(self, document: str, wrapper: PacketWrapper | None = None) -> int:
+        """Tokens kept in the document's packet (built by an earlier ``get``)."""
+        return self.kv_lengths[self.key(document, wrapper)]
+
+
+@dataclass
+class OnStore(Method):
+    """``method`` run on the packets of ``store`` (e.g. a ``CompressedStore``) instead of the
+    context's store; its name and setting are ``method``'s."""
+
+    method: Method
+    store: PacketStore
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
+    def setting(self) -> str:
+        return self.method.setting
+
+    def prepare(self, ctx: QueryContext):
+        return self.method.prepare(replace(ctx, store=self.store))
+
+    def prefill(self, ctx: QueryContext, prepared) -> Prefilled:
+        return self.method.prefill(replace(ctx, store=self.store), prepared)
 
 
 @dataclass
@@ -269,7 +303,9 @@ def compression_runs(model, tokenizer, samples: Sequence[Sample],
         variants: of ``VARIANTS``: ``packet`` (kv_packet on compressed packets; no_recompute when
             ``wrapper`` is None), ``packet_protected`` (header/trailer kept; needs a wrapper) and
             ``joint`` (``JointCompressed``).
-    A fresh store per (press, ratio, variant) keeps memory at one set of packets at a time.
+    One ``evaluate`` over every setting (each a method on its own ``CompressedStore``, which
+    keeps one sample's packets), so each sample's preamble is encoded once and the answers of all
+    settings are decoded in batches. Rows are ordered by setting, then sample.
     """
     factories = (dict(presses) if isinstance(presses, Mapping)
                  else {name: (lambda r, n=name: make_press(n, r)) for name in presses})
@@ -281,29 +317,36 @@ def compression_runs(model, tokenizer, samples: Sequence[Sample],
                          "wrapper or drop the variant")
     segments = {s.id: build_segments(tokenizer, s) for s in samples}  # sample ids are unique
     ids = {i: segment_ids(tokenizer, seg) for i, seg in segments.items()}  # (preamble, docs, task)
-    frames = []
+    n_docs = max((len(s.documents) for s in samples), default=1)
+    grid, methods = [], []
     for label, factory in factories.items():
         for ratio in ratios:
             for variant in variants:
                 press = factory(ratio)
+                store = None
                 if variant == "joint":
-                    rows = evaluate(model, tokenizer, list(samples), [JointCompressed(press)],
-                                    settings, wrapper)
-                    kv_tokens = {i: compute_n_kept(len(pre) + sum(map(len, docs)), ratio)
-                                 for i, (pre, docs, _) in ids.items()}
+                    methods.append(JointCompressed(press))
                 else:
                     store = CompressedStore(model, tokenizer, settings.model_name, press=press,
+                                            max_in_memory=n_docs,
                                             protect_wrapper=variant == "packet_protected",
                                             allow_short=allow_short)
                     method = get_method("kv_packet" if wrapper is not None else "no_recompute")
-                    rows = evaluate(model, tokenizer, list(samples), [method], settings, wrapper,
-                                    store)
-                    kv_tokens = {i: len(ids[i][0]) + sum(store.get(d, wrapper).kv.length
-                                                         for d in seg.documents)
-                                 for i, seg in segments.items()}
-                frames.append(rows.assign(press=label, ratio=ratio, variant=variant,
-                                          setting=f"{label},ratio={ratio},{variant}",
-                                          kv_tokens=rows.sample_id.map(kv_tokens)))
+                    methods.append(OnStore(method, store))
+                grid.append((label, ratio, variant, store))
+    rows = evaluate(model, tokenizer, list(samples), methods, settings, wrapper)
+    frames = []
+    for k, (label, ratio, variant, store) in enumerate(grid):
+        if store is None:
+            kv_tokens = {i: compute_n_kept(len(pre) + sum(map(len, docs)), ratio)
+                         for i, (pre, docs, _) in ids.items()}
+        else:
+            kv_tokens = {i: len(ids[i][0]) + sum(store.kv_length(d, wrapper) for d in seg.documents)
+                         for i, seg in segments.items()}
+        part = rows.iloc[k::len(grid)]  # evaluate's rows: per sample, the methods in order
+        frames.append(part.assign(press=label, ratio=ratio, variant=variant,
+                                  setting=f"{label},ratio={ratio},{variant}",
+                                  kv_tokens=part.sample_id.map(kv_tokens)))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -56,6 +56,7 @@ class EvalSettings:
     max_new_tokens: int | None = None
     progress: bool = True
     warmup: bool = True  # run every method once (one new token) on the first sample, untimed
+    decode_batch: int = 16  # answers of at most this many methods decoded together
 
 
 def check_documents(model, tokenizer, sample: Sample, wrapper: PacketWrapper | None) -> None:
@@ -118,7 +119,9 @@ def evaluate(model, tokenizer, samples: list[Sample], methods: list[Method],
                 for method in methods:
                     run_method(method, ctx, generation_config(tokenizer, dataset, 1))
                 warmup_s = time.perf_counter() - t0
-            results = run_methods(methods, ctx, config)
+            results = [result for start in range(0, len(methods), settings.decode_batch)
+                       for result in run_methods(methods[start:start + settings.decode_batch],
+                                                 ctx, config)]
             bar.update(len(methods))
         except Exception as err:
             bar.close()
