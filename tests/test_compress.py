@@ -10,7 +10,8 @@ from kvpress import AdaKVPress, KeyRerotationPress, KnormPress, StreamingLLMPres
 from kvpress.utils import compute_n_kept
 
 from kvp.compress import (PRESSES, CompressedStore, JointCompressed, OnStore, ProtectedPress,
-                          compress_packet, compression_runs, make_press, min_tokens,
+                          compress_packet, compress_packets, compression_runs, make_press,
+                          min_tokens,
                           press_summary)
 from kvp.data import Sample
 from kvp.data.prompts import build_segments, segment_ids
@@ -213,3 +214,18 @@ def test_compression_sweep_table(smollm, wrapper):
             alone.raw_answer, alone.flops, alone.context_tokens)
     with pytest.raises(ValueError, match="packet_protected"):
         compression_runs(model, tok, samples, ["knorm"], [0.5], None, settings)
+
+
+def test_one_prefill_gives_every_press_the_packet_of_its_own_prefill(smollm, wrapper):
+    """``compress_packets`` (all presses on one prefill) against kvpress's own ``with press(model)``
+    prefill per press, protected or not: the same kept keys and values, bit for bit."""
+    model, tok = smollm.model, smollm.tokenizer
+    settings = [(make_press(name, 0.3), protect) for name in PRESSES for protect in (False, True)]
+    together = compress_packets(model, tok, DOCS[0], settings, wrapper)
+    for (press, protect), packet in zip(settings, together, strict=True):
+        alone = ProtectedPress(press, wrapper.h, wrapper.t) if protect else press
+        with alone(model):
+            expected = build_packet(model, tok, DOCS[0], wrapper)
+        assert packet.span == expected.length and packet.kv.length < expected.length
+        assert torch.equal(packet.kv.keys, expected.kv.keys), (press, protect)
+        assert torch.equal(packet.kv.values, expected.kv.values), (press, protect)
