@@ -3,13 +3,15 @@ decoding equals decoding each sequence alone."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvp.adapters import load_adapter
 from kvp.data import load_dataset
 from kvp.data.prompts import stop_strings
 from kvp.evaluate import sample_context
-from kvp.generate import GenerationConfig
+from kvp.cache import to_cache
+from kvp.generate import GenerationConfig, batch_cache
 from kvp.methods import METHODS, get_method, run_method, run_methods
 from kvp.packet import PacketStore
 from kvp.params import method_grid
@@ -47,3 +49,10 @@ def test_batched_decoding_gives_every_method_the_tokens_of_decoding_it_alone(smo
             assert b.context_tokens == a.context_tokens and b.flops == a.flops
         lengths |= {len(r.token_ids) for r in alone}
     assert min(lengths) < max(lengths) == 12  # rows left the batch before the budget ended
+
+
+def test_batch_cache_refuses_caches_of_different_lengths():
+    short, long = (to_cache(torch.zeros(2, 1, n, 4), torch.zeros(2, 1, n, 4)) for n in (3, 4))
+    assert batch_cache([short, short]).layers[1].keys.shape == (2, 1, 3, 4)
+    with pytest.raises(ValueError, match=r"caches of lengths \[3, 4\]"):
+        batch_cache([short, long])

@@ -3,8 +3,8 @@
 See docs/protocol.md#metrics.
 
 ``evaluate`` builds each sample's context once (documents encoded once per wrapper through the
-``PacketStore``), runs every method on it (each query step timed alone, the answers decoded in one
-batch) and returns one tidy row per (sample, method).
+``PacketStore``), runs every method on it (each query step timed alone, the answers decoded in batches
+of equal cache length) and returns one tidy row per (sample, method).
 ``method_summary`` turns those rows into one row per (method, setting) with micro-F1 and its
 bootstrap CI, agreement with ``full_recompute``'s answers, median TTFT and mean FLOPs.
 """

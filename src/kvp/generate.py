@@ -1,8 +1,8 @@
 """Prompt prefill against an assembled cache, greedy decoding with stop strings, TTFT timing.
 
-``greedy_decode`` decodes one prefilled cache; ``greedy_decode_batch`` decodes several at once
-(one forward per step for all of them: on a CPU a step costs about the same for one sequence as
-for a dozen, since reading the weights dominates), each exactly as ``greedy_decode`` would stop.
+``greedy_decode`` decodes one prefilled cache; ``greedy_decode_batch`` decodes several caches of
+one length at once (one forward per step for all of them, each row stopping exactly where
+``greedy_decode`` would), so the weights are read once per step instead of once per sequence.
 """
 
 from __future__ import annotations
@@ -117,37 +117,34 @@ class Prompted:
     start: int
 
 
-def batch_cache(caches: list[DynamicCache]) -> tuple[DynamicCache, torch.Tensor]:
-    """Batch-1 caches of lengths n_b → one cache (B, H_kv, S, D), each row left-padded with zeros
-    to S = max n_b, and the attention mask (B, S) that is 0 on the padding (public Cache API:
-    ``layers[i].keys / .values`` read, ``update`` written)."""
-    lengths = [c.get_seq_length() for c in caches]
-    total = max(lengths)
+def batch_cache(caches: list[DynamicCache]) -> DynamicCache:
+    """Batch-1 caches of one length → one cache (B, H_kv, S, D) (public Cache API: ``layers[i].keys
+    / .values`` read, ``update`` written). Caches of different lengths are refused: padding them
+    would need an attention mask, which sends every step down a slower attention path."""
+    lengths = {c.get_seq_length() for c in caches}
+    if len(lengths) != 1:
+        raise ValueError(f"caches of lengths {sorted(lengths)}: batch only caches of one length "
+                         "(decode each length apart)")
     batched = DynamicCache()
     for layer in range(len(caches[0].layers)):
-        keys, values = ([torch.nn.functional.pad(getattr(c.layers[layer], side), (0, 0, total - n, 0))
-                         for c, n in zip(caches, lengths, strict=True)] for side in ("keys", "values"))
-        batched.update(torch.cat(keys), torch.cat(values), layer)  # (B, H_kv, S, D)
-    device = caches[0].layers[0].keys.device
-    mask = torch.stack([torch.arange(total, device=device) >= total - n for n in lengths]).long()
-    return batched, mask
+        batched.update(torch.cat([c.layers[layer].keys for c in caches]),
+                       torch.cat([c.layers[layer].values for c in caches]), layer)
+    return batched
 
 
 @torch.no_grad()
 def greedy_decode_batch(model, tokenizer, prompts: list[Prompted], config: GenerationConfig
                         ) -> list[tuple[str, list[int]]]:
-    """``greedy_decode`` of every prompt, decoded together: one forward per step over the rows
-    still running (a row leaves the batch at its end-of-sequence id, stop string or budget).
-
-    The caches are batched left-padded (:func:`batch_cache`, padding masked out); each row feeds
-    its tokens at its own positions ``start, start+1…``. The input caches are not modified.
-    Returns (text, token ids) per prompt, in order.
+    """``greedy_decode`` of every prompt (their caches of one length), decoded together: one
+    forward per step over the rows still running (a row leaves the batch at its end-of-sequence
+    id, stop string or budget); each row feeds its tokens at its own positions ``start, start+1…``.
+    The input caches are not modified. Returns (text, token ids) per prompt, in order.
     """
     if not prompts:
         return []
     eos = stop_token_ids(model, tokenizer)
-    cache, mask = batch_cache([p.cache for p in prompts])
-    length = mask.shape[1]
+    cache = batch_cache([p.cache for p in prompts])
+    length = cache.get_seq_length()
     tokens: list[list[int]] = [[] for _ in prompts]
     rows = list(range(len(prompts)))  # prompt index of each batch row
     logits = torch.stack([p.first_logits for p in prompts])  # (B, V)
@@ -164,15 +161,12 @@ def greedy_decode_batch(model, tokenizer, prompts: list[Prompted], config: Gener
         if not going or step + 1 == config.max_new_tokens:
             break
         if len(going) < len(rows):
-            keep = torch.tensor(going, device=mask.device)
-            cache.batch_select_indices(keep)
-            mask, rows = mask[keep], [rows[r] for r in going]
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # (B', S + step + 1)
+            cache.batch_select_indices(torch.tensor(going, device=model.device))
+            rows = [rows[r] for r in going]
         ids = torch.tensor([[tokens[i][-1]] for i in rows], device=model.device)  # (B', 1)
         positions = torch.tensor([[prompts[i].start + step] for i in rows], device=model.device)
         out = model(input_ids=ids, past_key_values=cache, position_ids=positions,
-                    attention_mask=mask, cache_position=torch.tensor([length + step],
-                                                                     device=model.device),
+                    cache_position=torch.tensor([length + step], device=model.device),
                     use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
     return [(answer_text(tokenizer, t, config), t) for t in tokens]

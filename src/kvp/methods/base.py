@@ -158,17 +158,22 @@ def run_method(method: Method, ctx: QueryContext, config: GenerationConfig = Gen
 def run_methods(methods: list[Method], ctx: QueryContext,
                 config: GenerationConfig = GenerationConfig()) -> list[MethodResult]:
     """``run_method`` of every method on ``ctx``: each query step timed alone, one after the other,
-    then all answers decoded in one batch (``greedy_decode_batch``: the same tokens as decoding
-    each alone, tests/test_generate.py checks it)."""
+    then the answers decoded in one batch per cache length (``greedy_decode_batch``: the same
+    tokens as decoding each alone, tests/test_generate.py checks it)."""
     steps = []
     for method in methods:
         prepared = method.prepare(ctx)
         with timer(ctx.model.device) as t:
             out = method.prefill(ctx, prepared)
         steps.append((method, out, t.seconds))
-    decoded = greedy_decode_batch(ctx.model, ctx.tokenizer,
-                                  [Prompted(out.cache, out.first_logits, out.next_pos)
-                                   for _, out, _ in steps], config)
-    return [MethodResult(method.name, method.setting, answer, tokens, seconds, ctx.preamble_seconds,
+    by_length: dict[int, list[int]] = {}
+    for i, (_, out, _) in enumerate(steps):
+        by_length.setdefault(out.cache.get_seq_length(), []).append(i)
+    decoded = {}
+    for indices in by_length.values():
+        prompts = [Prompted(steps[i][1].cache, steps[i][1].first_logits, steps[i][1].next_pos)
+                   for i in indices]
+        decoded.update(zip(indices, greedy_decode_batch(ctx.model, ctx.tokenizer, prompts, config)))
+    return [MethodResult(method.name, method.setting, *decoded[i], seconds, ctx.preamble_seconds,
                          out.flops, out.n_recomputed, out.next_pos)
-            for (method, out, seconds), (answer, tokens) in zip(steps, decoded, strict=True)]
+            for i, (method, out, seconds) in enumerate(steps)]
