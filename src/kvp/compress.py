@@ -401,7 +401,10 @@ def compression_runs(model, tokenizer, samples: Sequence[Sample],
     stores = [store for *_, store in grid if store is not None]
     for store in stores:
         store.siblings = stores  # each document prefilled once for every packet setting
-    rows = evaluate(model, tokenizer, list(samples), methods, settings, wrapper)
+    # Evaluated ratio by ratio and variant by variant: settings whose caches have one length sit
+    # together, so their answers are decoded in one batch (kvp.methods.base.run_methods).
+    order = sorted(range(len(grid)), key=lambda k: (grid[k][1], variants.index(grid[k][2])))
+    rows = evaluate(model, tokenizer, list(samples), [methods[k] for k in order], settings, wrapper)
     frames = []
     for k, (label, ratio, variant, store) in enumerate(grid):
         if store is None:
@@ -410,7 +413,7 @@ def compression_runs(model, tokenizer, samples: Sequence[Sample],
         else:
             kv_tokens = {i: len(ids[i][0]) + sum(store.kv_length(d, wrapper) for d in seg.documents)
                          for i, seg in segments.items()}
-        part = rows.iloc[k::len(grid)]  # evaluate's rows: per sample, the methods in order
+        part = rows.iloc[order.index(k)::len(grid)]  # evaluate's rows: per sample, the methods
         frames.append(part.assign(press=label, ratio=ratio, variant=variant,
                                   setting=f"{label},ratio={ratio},{variant}",
                                   kv_tokens=part.sample_id.map(kv_tokens)))
