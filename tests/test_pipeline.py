@@ -253,6 +253,7 @@ def test_kernels_talk_over_ipc_and_do_not_warn_about_tcp(tmp_path, capfd):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.ipynb", "t.ipynb"]  # no socket files
 
 
+@pytest.mark.slow  # five notebooks through the pipeline, about two minutes
 @pytest.mark.notebook
 def test_redraw_draws_the_figures_of_a_finished_run_again(tmp_path, capsys):
     profile = yaml.safe_load((FIXTURES / "redraw.yaml").read_text())
