@@ -9,12 +9,13 @@ import torch
 from kvpress import AdaKVPress, KeyRerotationPress, KnormPress, StreamingLLMPress
 from kvpress.utils import compute_n_kept
 
-from kvp.compress import (PRESSES, CompressedStore, JointCompressed, ProtectedPress,
-                          compress_packet, compression_runs, make_press, min_tokens,
+from kvp.compress import (PRESSES, CompressedStore, JointCompressed, OnStore, ProtectedPress,
+                          compress_packet, compress_packets, compression_runs, make_press,
+                          min_tokens,
                           press_summary)
 from kvp.data import Sample
 from kvp.data.prompts import build_segments, segment_ids
-from kvp.evaluate import EvalSettings
+from kvp.evaluate import EvalSettings, evaluate
 from kvp.generate import GenerationConfig
 from kvp.methods import get_method, make_context, run_method
 from kvp.packet import PacketStore, PacketWrapper, assemble, build_packet, tokenize_document
@@ -203,5 +204,28 @@ def test_compression_sweep_table(smollm, wrapper):
     assert (positions[0.5] == positions[0.0]).all()  # compressed packets keep their positions
     assert kv[0.5, "packet"] == kv[0.5, "packet_protected"] < kv[0.0, "packet"]
     assert kv[0.5, "joint"] < kv[0.0, "joint"]
+    for (ratio, variant), row in runs.set_index(["ratio", "variant"]).iterrows():
+        press = make_press("knorm", ratio)  # each setting evaluated alone, on a fresh store
+        method = (JointCompressed(press) if variant == "joint" else OnStore(
+            get_method("kv_packet"), CompressedStore(model, tok, "smollm2-135m", press=press,
+                                                     protect_wrapper=variant == "packet_protected")))
+        alone = evaluate(model, tok, samples, [method], settings, wrapper).iloc[0]
+        assert (row.raw_answer, row.flops, row.context_tokens) == (
+            alone.raw_answer, alone.flops, alone.context_tokens)
     with pytest.raises(ValueError, match="packet_protected"):
         compression_runs(model, tok, samples, ["knorm"], [0.5], None, settings)
+
+
+def test_one_prefill_gives_every_press_the_packet_of_its_own_prefill(smollm, wrapper):
+    """``compress_packets`` (all presses on one prefill) against kvpress's own ``with press(model)``
+    prefill per press, protected or not: the same kept keys and values, bit for bit."""
+    model, tok = smollm.model, smollm.tokenizer
+    settings = [(make_press(name, 0.3), protect) for name in PRESSES for protect in (False, True)]
+    together = compress_packets(model, tok, DOCS[0], settings, wrapper)
+    for (press, protect), packet in zip(settings, together, strict=True):
+        alone = ProtectedPress(press, wrapper.h, wrapper.t) if protect else press
+        with alone(model):
+            expected = build_packet(model, tok, DOCS[0], wrapper)
+        assert packet.span == expected.length and packet.kv.length < expected.length
+        assert torch.equal(packet.kv.keys, expected.kv.keys), (press, protect)
+        assert torch.equal(packet.kv.values, expected.kv.values), (press, protect)

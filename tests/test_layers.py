@@ -24,7 +24,7 @@ LAYERS = [
      "params", "scaling"),
     ("plots",),
     ("viewer", "widgets"),
-    ("report", "pipeline", "compact_eval"),
+    ("report", "pipeline", "redraw", "compact_eval"),
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
+import yaml
 
 from kvp import pipeline
 from kvp.methods import METHODS
@@ -247,3 +251,34 @@ def test_kernels_talk_over_ipc_and_do_not_warn_about_tcp(tmp_path, capfd):
     assert out.cells[0].outputs[0]["text"].strip() == "42"
     assert "without encryption" not in "".join(capfd.readouterr())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.ipynb", "t.ipynb"]  # no socket files
+
+
+@pytest.mark.slow  # five notebooks through the pipeline, about two minutes
+@pytest.mark.notebook
+def test_redraw_draws_the_figures_of_a_finished_run_again(tmp_path, capsys):
+    profile = yaml.safe_load((FIXTURES / "redraw.yaml").read_text())
+    profile["defaults"]["FIG_DIR"] = str(tmp_path / "drawn")
+    (tmp_path / "redraw.yaml").write_text(yaml.safe_dump(profile))
+    result = subprocess.run([sys.executable, "-m", "kvp.pipeline", "--profile", "redraw",
+                             "--config-dir", str(tmp_path), "--results-dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = tmp_path / "redraw"
+    for table in [*run_dir.glob("*/samples.csv"), *run_dir.glob("*/segment_scores.csv")]:
+        with table.open("rb") as src, gzip.open(f"{table}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)  # committed runs keep their per-sample rows compressed
+        table.unlink()
+    assert pipeline.main(["--redraw", str(run_dir), "--fig-dir", str(tmp_path / "again")]) == 0
+    assert "5 figures re-drawn" in capsys.readouterr().out
+    drawn = {p.name for p in (tmp_path / "drawn").iterdir()} - {"fig2_attention_maps.png",
+                                                                "fig2_attention_maps.pdf"}
+    assert {p.name for p in (tmp_path / "again").iterdir()} == drawn and len(drawn) == 10
+    for name in sorted(n for n in drawn if n.endswith(".png")):  # the notebook's own figure
+        again, first = (plt.imread(tmp_path / d / name) for d in ("again", "drawn"))
+        assert again.shape == first.shape, name  # pixels differ where a value round-tripped
+        assert (abs(again - first) > 0.02).mean() < 0.002, name  # through a CSV in float32
+
+
+def test_redraw_of_a_directory_without_runs_names_it(tmp_path, capsys):
+    assert pipeline.main(["--redraw", str(tmp_path)]) == 2
+    assert f"{tmp_path} holds no finished run" in capsys.readouterr().err

@@ -10,7 +10,8 @@ stays exact (``kvp.packet.assemble``).
 * ``PRESSES`` / ``make_press`` — the presses of Figure 4 by name.
 * ``ProtectedPress`` — wraps a scorer press so the first ``n_first`` and last ``n_last`` positions
   (header and trailer) are never pruned.
-* ``compress_packet`` — one compressed packet; ``CompressedStore`` — a ``PacketStore`` of compressed
+* ``compress_packet`` — one compressed packet; ``compress_packets`` — a document's packets under
+  several presses from one prefill (``PressSet``); ``CompressedStore`` — a ``PacketStore`` of compressed
   packets, so ``kv_packet`` / ``no_recompute`` run unchanged on them.
 * ``JointCompressed`` — the baseline: one compressed cache over preamble + all documents.
 * ``compression_sweep`` — the tidy table of Figure 4.
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
@@ -45,7 +46,7 @@ from kvpress import (BasePress, ExpectedAttentionPress, KeyDiffPress, KnormPress
 from kvpress.utils import compute_n_kept
 from torch import nn
 
-from kvp.cache import encode
+from kvp.cache import ChunkKV, encode
 from kvp.data import Sample
 from kvp.data.prompts import build_segments, segment_ids
 from kvp.evaluate import EvalSettings, evaluate, method_summary
@@ -154,6 +155,72 @@ class ProtectedPress(BasePress):
     compress = ScorerPress.compress  # kvpress's top-k pruning, applied to the protected scores
 
 
+@dataclass
+class PressSet(BasePress):
+    """Several presses over one prefill: at every layer each press's ``compress`` runs on the
+    layer's inputs and its pruned keys/values are kept aside; the cache itself is left whole.
+
+    kvpress prunes a layer's cache in a hook after the layer's attention ran, so the hidden states
+    and every layer's keys and values do not depend on the press: each press here sees exactly
+    what its own ``with press(model)`` prefill would show it (tests/test_compress.py checks it).
+    """
+
+    presses: list[BasePress]
+
+    def __post_init__(self):
+        self.kept = [[] for _ in self.presses]  # per press, per layer: (keys, values)
+
+    def post_init_from_model(self, model) -> None:
+        for press in self.presses:
+            press.post_init_from_model(model)
+
+    def compress(self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, attentions: torch.Tensor | None, kwargs: dict
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run every press on keys/values (1, H_kv, S, D); return them unchanged."""
+        for press, kept in zip(self.presses, self.kept, strict=True):
+            kept.append(press.compress(module, hidden_states, keys, values, attentions, kwargs))
+        return keys, values
+
+    def chunks(self) -> list[ChunkKV]:
+        """Per press, the kept keys/values of every layer stacked: (L, H_kv, n_kept, D)."""
+        return [ChunkKV(torch.stack([k[0] for k, _ in layers]), torch.stack([v[0] for _, v in layers]))
+                for layers in self.kept]
+
+
+def compress_packets(model, tokenizer, document: str, presses: Sequence[tuple[BasePress, bool]],
+                     wrapper: PacketWrapper | None = None, allow_short: bool = False
+                     ) -> list[Packet]:
+    """``compress_packet`` of ``document`` under each ``(press, protect_wrapper)``, all from one
+    prefill under a :class:`PressSet`.
+
+    See docs/protocol.md#compression-figure-4.
+    """
+    h, t = (wrapper.h, wrapper.t) if wrapper is not None else (0, 0)
+    n_tokens = h + len(tokenize_document(tokenizer, document)) + t
+    applied = []  # the press applied per entry, None where the packet stays uncompressed
+    for press, protect_wrapper in presses:
+        check_press(press)
+        if protect_wrapper and h + t:
+            press = ProtectedPress(press, n_first=h, n_last=t)
+        need = min_tokens(press)
+        if n_tokens >= need:
+            applied.append(press)
+            continue
+        message = (f"packet of {n_tokens} tokens (h={h} + document + t={t}, document starts "
+                   f"{document[:40]!r}) is shorter than the {need} tokens {press!r} needs")
+        if not allow_short:
+            raise ValueError(message + "; use longer documents, a smaller window/sink setting, or "
+                             "allow_short=True to keep such packets uncompressed")
+        warnings.warn(message + "; kept uncompressed", stacklevel=2)
+        applied.append(None)
+    bundle = PressSet([p for p in applied if p is not None])
+    with bundle(model):
+        packet = build_packet(model, tokenizer, document, wrapper)  # the whole cache
+    kept = iter(bundle.chunks())
+    return [packet if p is None else replace(packet, kv=next(kept), span=n_tokens) for p in applied]
+
+
 def compress_packet(model, tokenizer, document: str, press: BasePress,
                     wrapper: PacketWrapper | None = None, protect_wrapper: bool = False,
                     allow_short: bool = False) -> Packet:
@@ -170,28 +237,16 @@ def compress_packet(model, tokenizer, document: str, press: BasePress,
     Returns:
         Packet with kv (L, H_kv, max(1, int(S·(1-ratio))), D), S = h + n_doc + t, and span = S.
     """
-    check_press(press)
-    h, t = (wrapper.h, wrapper.t) if wrapper is not None else (0, 0)
-    if protect_wrapper and h + t:
-        press = ProtectedPress(press, n_first=h, n_last=t)
-    n_tokens = h + len(tokenize_document(tokenizer, document)) + t
-    need = min_tokens(press)
-    if n_tokens < need:
-        message = (f"packet of {n_tokens} tokens (h={h} + document + t={t}, document starts "
-                   f"{document[:40]!r}) is shorter than the {need} tokens {press!r} needs")
-        if not allow_short:
-            raise ValueError(message + "; use longer documents, a smaller window/sink setting, or "
-                             "allow_short=True to keep such packets uncompressed")
-        warnings.warn(message + "; kept uncompressed", stacklevel=2)
-        return build_packet(model, tokenizer, document, wrapper)
-    with press(model):
-        packet = build_packet(model, tokenizer, document, wrapper)
-    return replace(packet, span=n_tokens)
+    return compress_packets(model, tokenizer, document, [(press, protect_wrapper)], wrapper,
+                            allow_short)[0]
 
 
 @dataclass
 class CompressedStore(PacketStore):
     """A ``PacketStore`` whose packets are built under ``press`` (in memory only).
+
+    ``siblings``: stores (of the same model and tokenizer) whose packets of a document are built
+    in the same prefill as this store's (:func:`compress_packets`), when this one builds its own.
 
     Pass it as ``make_context(..., store=...)``: ``kv_packet`` (``store.get(doc, wrapper)``) and
     ``no_recompute`` (``store.get(doc)``) then run unchanged on compressed packets. Packets are keyed
@@ -201,6 +256,8 @@ class CompressedStore(PacketStore):
     press: BasePress | None = None
     protect_wrapper: bool = False
     allow_short: bool = False
+    kv_lengths: dict = field(default_factory=dict)  # key -> tokens kept, also after eviction
+    siblings: list = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self):
         if self.press is None:
@@ -214,12 +271,52 @@ class CompressedStore(PacketStore):
         return (*super().key(document, wrapper), repr(self.press), str(self.protect_wrapper))
 
     def get(self, document: str, wrapper: PacketWrapper | None = None) -> Packet:
+        """The compressed packet, built on first use; beyond ``max_in_memory`` packets the least
+        recently used one is dropped (``kv_lengths`` keeps its kept length)."""
         key = self.key(document, wrapper)
         if key not in self._memory:
-            self._memory[key] = compress_packet(self.model, self.tokenizer, document, self.press,
-                                                wrapper, self.protect_wrapper, self.allow_short)
-            self.n_encoded += 1
+            group = [self, *(s for s in self.siblings if s is not self
+                             and s.key(document, wrapper) not in s._memory)]
+            packets = compress_packets(self.model, self.tokenizer, document,
+                                       [(s.press, s.protect_wrapper) for s in group], wrapper,
+                                       self.allow_short)
+            for store, packet in zip(group, packets, strict=True):
+                store._keep(store.key(document, wrapper), packet)
+        self._memory.move_to_end(key)
         return self._memory[key]
+
+    def _keep(self, key, packet: Packet) -> None:
+        self._memory[key], self.kv_lengths[key] = packet, packet.kv.length
+        self.n_encoded += 1
+        while self.max_in_memory is not None and len(self._memory) > self.max_in_memory:
+            self._memory.popitem(last=False)
+
+    def kv_length(self, document: str, wrapper: PacketWrapper | None = None) -> int:
+        """Tokens kept in the document's packet (built by an earlier ``get``)."""
+        return self.kv_lengths[self.key(document, wrapper)]
+
+
+@dataclass
+class OnStore(Method):
+    """``method`` run on the packets of ``store`` (e.g. a ``CompressedStore``) instead of the
+    context's store; its name and setting are ``method``'s."""
+
+    method: Method
+    store: PacketStore
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
+    def setting(self) -> str:
+        return self.method.setting
+
+    def prepare(self, ctx: QueryContext):
+        return self.method.prepare(replace(ctx, store=self.store))
+
+    def prefill(self, ctx: QueryContext, prepared) -> Prefilled:
+        return self.method.prefill(replace(ctx, store=self.store), prepared)
 
 
 @dataclass
@@ -269,7 +366,10 @@ def compression_runs(model, tokenizer, samples: Sequence[Sample],
         variants: of ``VARIANTS``: ``packet`` (kv_packet on compressed packets; no_recompute when
             ``wrapper`` is None), ``packet_protected`` (header/trailer kept; needs a wrapper) and
             ``joint`` (``JointCompressed``).
-    A fresh store per (press, ratio, variant) keeps memory at one set of packets at a time.
+    One ``evaluate`` over every setting (each a method on its own ``CompressedStore``, which
+    keeps one sample's packets; the stores are siblings, so a document is prefilled once for all
+    packet settings), so each sample's preamble is encoded once and the answers of all settings
+    are decoded in batches. Rows are ordered by setting, then sample.
     """
     factories = (dict(presses) if isinstance(presses, Mapping)
                  else {name: (lambda r, n=name: make_press(n, r)) for name in presses})
@@ -281,29 +381,42 @@ def compression_runs(model, tokenizer, samples: Sequence[Sample],
                          "wrapper or drop the variant")
     segments = {s.id: build_segments(tokenizer, s) for s in samples}  # sample ids are unique
     ids = {i: segment_ids(tokenizer, seg) for i, seg in segments.items()}  # (preamble, docs, task)
-    frames = []
+    n_docs = max((len(s.documents) for s in samples), default=1)
+    grid, methods = [], []
     for label, factory in factories.items():
         for ratio in ratios:
             for variant in variants:
                 press = factory(ratio)
+                store = None
                 if variant == "joint":
-                    rows = evaluate(model, tokenizer, list(samples), [JointCompressed(press)],
-                                    settings, wrapper)
-                    kv_tokens = {i: compute_n_kept(len(pre) + sum(map(len, docs)), ratio)
-                                 for i, (pre, docs, _) in ids.items()}
+                    methods.append(JointCompressed(press))
                 else:
                     store = CompressedStore(model, tokenizer, settings.model_name, press=press,
+                                            max_in_memory=n_docs,
                                             protect_wrapper=variant == "packet_protected",
                                             allow_short=allow_short)
                     method = get_method("kv_packet" if wrapper is not None else "no_recompute")
-                    rows = evaluate(model, tokenizer, list(samples), [method], settings, wrapper,
-                                    store)
-                    kv_tokens = {i: len(ids[i][0]) + sum(store.get(d, wrapper).kv.length
-                                                         for d in seg.documents)
-                                 for i, seg in segments.items()}
-                frames.append(rows.assign(press=label, ratio=ratio, variant=variant,
-                                          setting=f"{label},ratio={ratio},{variant}",
-                                          kv_tokens=rows.sample_id.map(kv_tokens)))
+                    methods.append(OnStore(method, store))
+                grid.append((label, ratio, variant, store))
+    stores = [store for *_, store in grid if store is not None]
+    for store in stores:
+        store.siblings = stores  # each document prefilled once for every packet setting
+    # Evaluated ratio by ratio and variant by variant: settings whose caches have one length sit
+    # together, so their answers are decoded in one batch (kvp.methods.base.run_methods).
+    order = sorted(range(len(grid)), key=lambda k: (grid[k][1], variants.index(grid[k][2])))
+    rows = evaluate(model, tokenizer, list(samples), [methods[k] for k in order], settings, wrapper)
+    frames = []
+    for k, (label, ratio, variant, store) in enumerate(grid):
+        if store is None:
+            kv_tokens = {i: compute_n_kept(len(pre) + sum(map(len, docs)), ratio)
+                         for i, (pre, docs, _) in ids.items()}
+        else:
+            kv_tokens = {i: len(ids[i][0]) + sum(store.kv_length(d, wrapper) for d in seg.documents)
+                         for i, seg in segments.items()}
+        part = rows.iloc[order.index(k)::len(grid)]  # evaluate's rows: per sample, the methods
+        frames.append(part.assign(press=label, ratio=ratio, variant=variant,
+                                  setting=f"{label},ratio={ratio},{variant}",
+                                  kv_tokens=part.sample_id.map(kv_tokens)))
     return pd.concat(frames, ignore_index=True)
 
 

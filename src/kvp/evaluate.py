@@ -3,7 +3,8 @@
 See docs/protocol.md#metrics.
 
 ``evaluate`` builds each sample's context once (documents encoded once per wrapper through the
-``PacketStore``), runs every method on it and returns one tidy row per (sample, method).
+``PacketStore``), runs every method on it (each query step timed alone, the answers decoded in batches
+of equal cache length) and returns one tidy row per (sample, method).
 ``method_summary`` turns those rows into one row per (method, setting) with micro-F1 and its
 bootstrap CI, agreement with ``full_recompute``'s answers, median TTFT and mean FLOPs.
 """
@@ -24,7 +25,7 @@ from kvp import distributed
 from kvp.data import Sample, load_dataset
 from kvp.data.mixture import trained_on
 from kvp.data.prompts import build_segments, dataset_of, extract_answer, generation_config
-from kvp.methods import Method, QueryContext, make_context, run_method
+from kvp.methods import Method, QueryContext, make_context, run_method, run_methods
 from kvp.metrics import agreement_f1, bootstrap_ci, f1_micro, token_f1
 from kvp.models import load_model
 from kvp.packet import PacketStore, PacketWrapper, check_length, tokenize_document
@@ -55,6 +56,7 @@ class EvalSettings:
     max_new_tokens: int | None = None
     progress: bool = True
     warmup: bool = True  # run every method once (one new token) on the first sample, untimed
+    decode_batch: int = 16  # answers of at most this many methods decoded together
 
 
 def check_documents(model, tokenizer, sample: Sample, wrapper: PacketWrapper | None) -> None:
@@ -117,11 +119,10 @@ def evaluate(model, tokenizer, samples: list[Sample], methods: list[Method],
                 for method in methods:
                     run_method(method, ctx, generation_config(tokenizer, dataset, 1))
                 warmup_s = time.perf_counter() - t0
-            results = []
-            for method in methods:
-                results.append(run_method(method, ctx, config))
-                bar.set_postfix(method=method.name)
-                bar.update()
+            results = [result for start in range(0, len(methods), settings.decode_batch)
+                       for result in run_methods(methods[start:start + settings.decode_batch],
+                                                 ctx, config)]
+            bar.update(len(methods))
         except Exception as err:
             bar.close()
             raise SampleError(f"sample {sample.id!r} (#{index} of {len(samples)}): {err}. The "

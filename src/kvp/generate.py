@@ -1,4 +1,9 @@
-"""Prompt prefill against an assembled cache, greedy decoding with stop strings, TTFT timing."""
+"""Prompt prefill against an assembled cache, greedy decoding with stop strings, TTFT timing.
+
+``greedy_decode`` decodes one prefilled cache; ``greedy_decode_batch`` decodes several caches of
+one length at once (one forward per step for all of them, each row stopping exactly where
+``greedy_decode`` would), so the weights are read once per step instead of once per sequence.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 
 def synchronize(device: torch.device) -> None:
@@ -91,7 +97,76 @@ def greedy_decode(model, tokenizer, cache, first_logits: torch.Tensor, start: in
             break
         if step + 1 < config.max_new_tokens:
             logits = prefill(model, cache, torch.tensor([token]), start + step)
+    return answer_text(tokenizer, tokens, config), tokens
+
+
+def answer_text(tokenizer, tokens: list[int], config: GenerationConfig) -> str:
+    """The decoded ``tokens`` cut at the first stop string, stripped."""
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     for s in config.stop_strings:
         text = text.split(s)[0]
-    return text.strip(), tokens
+    return text.strip()
+
+
+@dataclass(frozen=True)
+class Prompted:
+    """One prefilled sequence to decode: its batch-1 cache, first logits (V,), next position."""
+
+    cache: DynamicCache
+    first_logits: torch.Tensor
+    start: int
+
+
+def batch_cache(caches: list[DynamicCache]) -> DynamicCache:
+    """Batch-1 caches of one length → one cache (B, H_kv, S, D) (public Cache API: ``layers[i].keys
+    / .values`` read, ``update`` written). Caches of different lengths are refused: padding them
+    would need an attention mask, which sends every step down a slower attention path."""
+    lengths = {c.get_seq_length() for c in caches}
+    if len(lengths) != 1:
+        raise ValueError(f"caches of lengths {sorted(lengths)}: batch only caches of one length "
+                         "(decode each length apart)")
+    batched = DynamicCache()
+    for layer in range(len(caches[0].layers)):
+        batched.update(torch.cat([c.layers[layer].keys for c in caches]),
+                       torch.cat([c.layers[layer].values for c in caches]), layer)
+    return batched
+
+
+@torch.no_grad()
+def greedy_decode_batch(model, tokenizer, prompts: list[Prompted], config: GenerationConfig
+                        ) -> list[tuple[str, list[int]]]:
+    """``greedy_decode`` of every prompt (their caches of one length), decoded together: one
+    forward per step over the rows still running (a row leaves the batch at its end-of-sequence
+    id, stop string or budget); each row feeds its tokens at its own positions ``start, start+1…``.
+    The input caches are not modified. Returns (text, token ids) per prompt, in order.
+    """
+    if not prompts:
+        return []
+    eos = stop_token_ids(model, tokenizer)
+    cache = batch_cache([p.cache for p in prompts])
+    length = cache.get_seq_length()
+    tokens: list[list[int]] = [[] for _ in prompts]
+    rows = list(range(len(prompts)))  # prompt index of each batch row
+    logits = torch.stack([p.first_logits for p in prompts])  # (B, V)
+    for step in range(config.max_new_tokens):
+        going = []
+        for row, index in enumerate(rows):
+            token = int(logits[row].argmax())
+            if token in eos:
+                continue
+            tokens[index].append(token)
+            text = tokenizer.decode(tokens[index], skip_special_tokens=True)
+            if not any(s in text for s in config.stop_strings):
+                going.append(row)
+        if not going or step + 1 == config.max_new_tokens:
+            break
+        if len(going) < len(rows):
+            cache.batch_select_indices(torch.tensor(going, device=model.device))
+            rows = [rows[r] for r in going]
+        ids = torch.tensor([[tokens[i][-1]] for i in rows], device=model.device)  # (B', 1)
+        positions = torch.tensor([[prompts[i].start + step] for i in rows], device=model.device)
+        out = model(input_ids=ids, past_key_values=cache, position_ids=positions,
+                    cache_position=torch.tensor([length + step], device=model.device),
+                    use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+    return [(answer_text(tokenizer, t, config), t) for t in tokens]

@@ -28,6 +28,9 @@ Each run executes into a temporary notebook renamed into place on success, then 
 ``<notebook>.failed.ipynb`` and ``run.log`` and does not stop the others. At the end
 ``summary.csv`` (see :func:`kvp.results.collect_summary`) and ``pipeline.json`` (wall time,
 counts, failures) are written into ``results/<profile>/``; the exit code is 1 if any run failed.
+
+``--redraw RUN_DIR [--fig-dir DIR]`` instead re-draws the figures of such a finished run from its
+tables, with no notebook or model (:mod:`kvp.redraw`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from traitlets import default
 from kvp import __version__
 from kvp.params import (REPO_ROOT, ConfigError, check_params, dataset_options,
                         method_grid, parameters_cell, repo_path, validate_params)
+from kvp.redraw import redraw
 from kvp.results import DONE_FILE, atomic_path, collect_summary, write_json
 
 NOTEBOOKS = (
@@ -356,7 +360,13 @@ def write_report(profile_dir: Path, profile: Profile, all_runs: Sequence[Run],
 # ----------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kvp.pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", required=True, help="configs/<profile>.yaml, e.g. quick or paper")
+    job = parser.add_mutually_exclusive_group(required=True)
+    job.add_argument("--profile", help="configs/<profile>.yaml, e.g. quick or paper")
+    job.add_argument("--redraw", type=Path, metavar="RUN_DIR",
+                     help="re-draw the figures of a finished run (results/<profile>/ or a committed "
+                          "copy such as data/paper_run/) from its tables: no notebook, no model")
+    parser.add_argument("--fig-dir", type=Path, default=Path("figures"),
+                        help="where --redraw writes the figures")
     parser.add_argument("--only", action="append", metavar="NOTEBOOK",
                         help="run only this notebook of the profile (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="validate and list the runs, run nothing")
@@ -381,6 +391,14 @@ def select(runs: Sequence[Run], profile: Profile, only: Sequence[str] | None) ->
 def main(argv: Sequence[str] | None = None) -> int:
     """Validate the profile, run its matrix, write the report; 0 if every run succeeded."""
     args = parse_args(argv)
+    if args.redraw is not None:
+        try:
+            figures = redraw(args.redraw, args.fig_dir)
+        except FileNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"{len(figures)} figures re-drawn from {args.redraw} into {args.fig_dir}")
+        return 0
     t0 = time.perf_counter()
     try:
         profile = load_profile(args.profile, args.config_dir)

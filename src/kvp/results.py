@@ -131,6 +131,15 @@ def read_run_results(out_dir: str | Path) -> RunResults:
     return RunResults(read_json(out_dir / CONFIG_FILE), read_json(out_dir / METRICS_FILE), table)
 
 
+def read_table(out_dir: str | Path, name: str) -> pd.DataFrame:
+    """The tidy table ``<out_dir>/<name>.csv``, or its gzip-compressed ``<name>.csv.gz``."""
+    for path in (Path(out_dir) / f"{name}.csv", Path(out_dir) / f"{name}.csv.gz"):
+        if path.exists():
+            return pd.read_csv(path)
+    raise FileNotFoundError(f"{out_dir} holds neither {name}.csv nor {name}.csv.gz; the run did "
+                            "not write that table (re-run its notebook)")
+
+
 def collect_summary(profile_dir: str | Path, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
     """Concatenate the results of every finished run (``DONE.json`` present) under ``profile_dir``.
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from kvp.methods.a3 import A3
 from kvp.methods.base import (Method, MethodResult, Prefilled, QueryContext, make_context,
-                              run_method)
+                              run_method, run_methods)
 from kvp.methods.cache_blend import CacheBlend
 from kvp.methods.epic import Epic
 from kvp.methods.full_recompute import FullRecompute
@@ -34,4 +34,4 @@ def get_method(name: str, **params) -> Method:
 
 
 __all__ = ["METHODS", "Method", "MethodResult", "Prefilled", "QueryContext", "get_method",
-           "make_context", "run_method"]
+           "make_context", "run_method", "run_methods"]

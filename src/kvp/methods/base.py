@@ -3,7 +3,8 @@
 A method is a dataclass whose fields are its hyper-parameters. ``prepare`` fetches what is built
 offline (packets from the ``PacketStore``); ``prefill`` is the timed query step: it assembles the
 cache, does whatever recompute the method needs, prefills the task prompt and returns the first
-token's logits. ``run_method`` times ``prefill`` (TTFT) and decodes the answer.
+token's logits. ``run_method`` times ``prefill`` (TTFT) and decodes the answer; ``run_methods``
+does the same for several methods on one sample, decoding their answers together.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from transformers import DynamicCache
 
 from kvp.cache import ChunkKV, encode, to_cache
 from kvp.flops import Arch, prefill_flops, rerotation_flops
-from kvp.generate import GenerationConfig, greedy_decode, prefill, timer
+from kvp.generate import (GenerationConfig, Prompted, greedy_decode, greedy_decode_batch,
+                          prefill, timer)
 from kvp.packet import Packet, PacketStore, PacketWrapper, assemble, check_length, tokenize_document
 
 
@@ -151,3 +153,27 @@ def run_method(method: Method, ctx: QueryContext, config: GenerationConfig = Gen
                                    out.next_pos, config)
     return MethodResult(method.name, method.setting, answer, tokens, t.seconds,
                         ctx.preamble_seconds, out.flops, out.n_recomputed, out.next_pos)
+
+
+def run_methods(methods: list[Method], ctx: QueryContext,
+                config: GenerationConfig = GenerationConfig()) -> list[MethodResult]:
+    """``run_method`` of every method on ``ctx``: each query step timed alone, one after the other,
+    then the answers decoded in one batch per cache length (``greedy_decode_batch``: the same
+    tokens as decoding each alone, tests/test_generate.py checks it)."""
+    steps = []
+    for method in methods:
+        prepared = method.prepare(ctx)
+        with timer(ctx.model.device) as t:
+            out = method.prefill(ctx, prepared)
+        steps.append((method, out, t.seconds))
+    by_length: dict[int, list[int]] = {}
+    for i, (_, out, _) in enumerate(steps):
+        by_length.setdefault(out.cache.get_seq_length(), []).append(i)
+    decoded = {}
+    for indices in by_length.values():
+        prompts = [Prompted(steps[i][1].cache, steps[i][1].first_logits, steps[i][1].next_pos)
+                   for i in indices]
+        decoded.update(zip(indices, greedy_decode_batch(ctx.model, ctx.tokenizer, prompts, config)))
+    return [MethodResult(method.name, method.setting, *decoded[i], seconds, ctx.preamble_seconds,
+                         out.flops, out.n_recomputed, out.next_pos)
+            for i, (method, out, seconds) in enumerate(steps)]
