@@ -143,16 +143,27 @@ def assemble_packets(ctx: QueryContext, packets: list[Packet]) -> tuple[ChunkKV,
     return kv, rerotation_flops(ctx.arch, sum(p.kv.length for p in packets)), next_pos
 
 
-def run_method(method: Method, ctx: QueryContext, config: GenerationConfig = GenerationConfig()
-               ) -> MethodResult:
-    """Time the query step (assembly → first token's logits) and decode the answer greedily."""
+def timed_step(method: Method, ctx: QueryContext) -> tuple[Prefilled, float]:
+    """``method.prefill`` after its untimed ``prepare``: (output, seconds of the query step)."""
     prepared = method.prepare(ctx)
     with timer(ctx.model.device) as t:
         out = method.prefill(ctx, prepared)
+    return out, t.seconds
+
+
+def method_result(method: Method, ctx: QueryContext, out: Prefilled, seconds: float,
+                  answer: str, tokens: list[int]) -> MethodResult:
+    return MethodResult(method.name, method.setting, answer, tokens, seconds,
+                        ctx.preamble_seconds, out.flops, out.n_recomputed, out.next_pos)
+
+
+def run_method(method: Method, ctx: QueryContext, config: GenerationConfig = GenerationConfig()
+               ) -> MethodResult:
+    """Time the query step (assembly → first token's logits) and decode the answer greedily."""
+    out, seconds = timed_step(method, ctx)
     answer, tokens = greedy_decode(ctx.model, ctx.tokenizer, out.cache, out.first_logits,
                                    out.next_pos, config)
-    return MethodResult(method.name, method.setting, answer, tokens, t.seconds,
-                        ctx.preamble_seconds, out.flops, out.n_recomputed, out.next_pos)
+    return method_result(method, ctx, out, seconds, answer, tokens)
 
 
 def run_methods(methods: list[Method], ctx: QueryContext,
@@ -160,12 +171,7 @@ def run_methods(methods: list[Method], ctx: QueryContext,
     """``run_method`` of every method on ``ctx``: each query step timed alone, one after the other,
     then the answers decoded in one batch per cache length (``greedy_decode_batch``: the same
     tokens as decoding each alone, tests/test_generate.py checks it)."""
-    steps = []
-    for method in methods:
-        prepared = method.prepare(ctx)
-        with timer(ctx.model.device) as t:
-            out = method.prefill(ctx, prepared)
-        steps.append((method, out, t.seconds))
+    steps = [(method, *timed_step(method, ctx)) for method in methods]
     by_length: dict[int, list[int]] = {}
     for i, (_, out, _) in enumerate(steps):
         by_length.setdefault(out.cache.get_seq_length(), []).append(i)
@@ -174,6 +180,5 @@ def run_methods(methods: list[Method], ctx: QueryContext,
         prompts = [Prompted(steps[i][1].cache, steps[i][1].first_logits, steps[i][1].next_pos)
                    for i in indices]
         decoded.update(zip(indices, greedy_decode_batch(ctx.model, ctx.tokenizer, prompts, config)))
-    return [MethodResult(method.name, method.setting, *decoded[i], seconds, ctx.preamble_seconds,
-                         out.flops, out.n_recomputed, out.next_pos)
+    return [method_result(method, ctx, out, seconds, *decoded[i])
             for i, (method, out, seconds) in enumerate(steps)]
