@@ -269,10 +269,15 @@ def test_redraw_draws_the_figures_of_a_finished_run_again(tmp_path, capsys):
             shutil.copyfileobj(src, dst)  # committed runs keep their per-sample rows compressed
         table.unlink()
     assert pipeline.main(["--redraw", str(run_dir), "--fig-dir", str(tmp_path / "again")]) == 0
-    assert "5 figures re-drawn" in capsys.readouterr().out
     drawn = {p.name for p in (tmp_path / "drawn").iterdir()} - {"fig2_attention_maps.png",
                                                                 "fig2_attention_maps.pdf"}
-    assert {p.name for p in (tmp_path / "again").iterdir()} == drawn and len(drawn) == 10
+    pngs = [n for n in drawn if n.endswith(".png")]
+    # every notebook's figures (the tier figure too when data/benchmarks holds a tiered CSV)
+    for base in ("attention_shift", "fig3_main_results", "fig4_compression",
+                 "fig5_segment_scores", "latency"):
+        assert any(n.startswith(base) for n in pngs), (base, sorted(pngs))
+    assert f"{len(drawn) // 2} figures re-drawn" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "again").iterdir()} == drawn
     for name in sorted(n for n in drawn if n.endswith(".png")):  # the notebook's own figure
         again, first = (plt.imread(tmp_path / d / name) for d in ("again", "drawn"))
         assert again.shape == first.shape, name  # pixels differ where a value round-tripped

@@ -604,6 +604,15 @@ def with_tiers(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def tiered_run(bench: pd.DataFrame) -> pd.DataFrame | None:
+    """The rows of the newest committed CSV (``source``: its file name, which ends with the date)
+    that has packets in host memory or on disk; None when no CSV has. One run's rows only, since
+    times compare only within one CSV."""
+    committed = with_tiers(bench[bench["source"] != "this run"])
+    tiered = sorted(committed.loc[committed["tier"] != "gpu", "source"].unique())
+    return committed[committed["source"] == tiered[-1]] if tiered else None
+
+
 def summary(df: pd.DataFrame, context_tokens: int = 8192, n_docs: int = 8) -> pd.DataFrame:
     """Per (device, model) at one configuration: KV Packet's speed-up over full recompute, its time
     over its floor, the shares of assembly and of re-rotation, and whether it beats every recompute

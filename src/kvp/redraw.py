@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from kvp import plots
+from kvp.bench import tiered_run
 from kvp.params import repo_path
 from kvp.results import DONE_FILE, RunResults, read_json, read_run_results, read_table
 
@@ -76,8 +77,9 @@ def compression(run_dir: Path, run: RunResults, fig_dir: Path) -> list[Path]:
 def latency(run_dir: Path, run: RunResults, fig_dir: Path) -> list[Path]:
     bench = run.table
     paths = [_save(plots.plot_latency_grid(bench), "latency", run.config, fig_dir, dataset=False)]
-    if (bench["tier"] != "gpu").any():
-        fig = plots.plot_tier_latency(bench[bench.source != "this run"])
+    tiered = tiered_run(bench)
+    if tiered is not None:
+        fig = plots.plot_tier_latency(tiered)
         paths.append(_save(fig, "latency_tiers", run.config, fig_dir, dataset=False))
     return paths
 
