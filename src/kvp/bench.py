@@ -76,7 +76,7 @@ COLUMNS = ["device", "model", "method", "setting", "variant", "tier", "packet_dt
            "ttft_p90_ms", "n_runs", "floor_ms", "floor_mem_ms", "floor_flops_ms",
            "floor_transfer_ms", "ttft_over_floor", "flops", "bytes_min", "transfer_bytes", "link",
            "peak_mem_bytes", "assembly_ms", "assembly_share", "rotation_ms", "rotation_share",
-           "max_logit_diff", "top1_agrees",
+           "max_logit_diff", "top1_agrees", "issue_ms",
            "status", "bandwidth_gbs", "matmul_tflops", "h2d_gbs", "disk_gbs", "dtype", "torch",
            "transformers", "cuda", "date"]
 
@@ -158,10 +158,12 @@ class Environment:
 
 
 def time_runs(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-              min_repeats: int, max_seconds: float, setup: Callable[[], object] | None = None
-              ) -> list[float]:
+              min_repeats: int, max_seconds: float, setup: Callable[[], object] | None = None,
+              issued: list[float] | None = None) -> list[float]:
     """Device-synchronised wall-clock seconds of ``fn()`` after ``warmup`` untimed calls;
-    ``setup()`` runs untimed before each call (e.g. dropping the disk tier's cached pages)."""
+    ``setup()`` runs untimed before each call (e.g. dropping the disk tier's cached pages).
+    ``issued`` (if given) receives each call's host seconds until ``fn`` returned, before the
+    device finished: close to the wall time, the step is bound by the host, not the device."""
     for _ in range(warmup):
         if setup is not None:
             setup()
@@ -173,8 +175,12 @@ def time_runs(fn: Callable[[], object], device: torch.device, warmup: int, repea
         if setup is not None:
             setup()
         with timer(device) as t:
+            start = time.perf_counter()
             fn()
+            host = time.perf_counter() - start
         times.append(t.seconds)
+        if issued is not None:
+            issued.append(host)
     return times
 
 
@@ -509,12 +515,14 @@ def bench_tier(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant:
                                            fused, projections, staging)[0]
             setup = store.drop_page_cache if tier == "disk" else None
             check = _compare(step, plain)
+            issued: list[float] = []
             times = time_runs(step, device, cfg.warmup, cfg.repeats, cfg.min_repeats,
-                              cfg.max_seconds, setup)
+                              cfg.max_seconds, setup, issued)
             step = staging = None  # frees the captured graph and the staging slots
         moved = sum(p.nbytes for p in packets) if tier != "gpu" else 0
         return row("kv_packet", "", variant, times, plain["flops"], plain["cached"], tier=tier,
-                   packet_dtype=packet_dtype, transfer_bytes=moved, **check)
+                   packet_dtype=packet_dtype, transfer_bytes=moved,
+                   issue_ms=1e3 * statistics.median(issued), **check)
     finally:
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
