@@ -554,7 +554,9 @@ class PipelinedGraph:
         chunks, slots, offsets, n_cached, start, cos, sin = _layout(model, buf, preamble, packets)
         self.next_position = start + prompt_len
         self.ids = torch.zeros(prompt_len, dtype=torch.long, device=buf.keys.device)
-        positions = prompt_positions(model, start, prompt_len)
+        # Everything the graph reads stays referenced by it: freed, its memory would be reused.
+        self.positions = positions = prompt_positions(model, start, prompt_len)
+        self.tables = cos, sin
         view = _Transfer(self.staging, packets, n_layers, self.arrived)  # the staging's layer views
         at, by = slots[1:], offsets[1:]
 
@@ -581,6 +583,7 @@ class PipelinedGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = step()
+        self.preamble, self.buf = preamble, buf
 
     def _issue(self, packets: list[Packet]) -> None:
         """Every layer of ``packets`` onto the staging (after the last step has read it)."""
