@@ -61,8 +61,8 @@ from kvp.methods import get_method, make_context
 from kvp.methods.base import QueryContext
 from kvp.models import load_model, resolve_device, resolve_dtype
 from kvp.packet import TIERS, PacketStore, PacketWrapper, assemble
-from kvp.query_step import (FusedProjections, KVBuffer, PipelinedGraph, PromptGraph, Staging,
-                             assemble_into, fast_query, pipelined_query)
+from kvp.query_step import (FusedProjections, KVBuffer, PromptGraph, Staging, assemble_into,
+                             fast_query, pipelined_query)
 
 DEFAULT_METHODS: tuple[tuple[str, dict], ...] = (
     ("full_recompute", {}), ("no_recompute", {}), ("kv_packet", {}),
@@ -70,9 +70,7 @@ DEFAULT_METHODS: tuple[tuple[str, dict], ...] = (
     ("a3", {"ratio": 0.15}), ("sam_kv", {}),
 )
 FAST_VARIANTS = ("fast", "fast+graph", "fast+graph+fused")
-# Packets in host memory or on disk: the eager pipelined step, fused, and (host tier, CUDA) the
-# same as one CUDA graph (kvp.query_step.PipelinedGraph).
-TIER_VARIANTS = ("pipelined", "pipelined+fused", "pipelined+graph+fused")
+TIER_VARIANTS = ("pipelined", "pipelined+fused")  # packets in host memory or on disk
 COLUMNS = ["device", "model", "method", "setting", "variant", "tier", "packet_dtype", "label",
            "context_tokens", "n_docs", "cached_tokens", "prompt_tokens", "ttft_ms", "ttft_p10_ms",
            "ttft_p90_ms", "n_runs", "floor_ms", "floor_mem_ms", "floor_flops_ms",
@@ -398,13 +396,8 @@ def bench_fast(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, plai
     for tier in cfg.tiers:
         for packet_dtype in cfg.packet_dtypes:
             if (tier, packet_dtype) != ("gpu", "model"):
-                if tier == "gpu":
-                    variants = [best]
-                elif device.type != "cuda":
-                    variants = [TIER_VARIANTS[0]]
-                else:
-                    variants = list(TIER_VARIANTS[1:] if tier == "host" else TIER_VARIANTS[1:2])
-                jobs += [(variant, tier, packet_dtype) for variant in variants]
+                variant = best if tier == "gpu" else TIER_VARIANTS[device.type == "cuda"]
+                jobs.append((variant, tier, packet_dtype))
     for variant, tier, packet_dtype in jobs:
         where = dict(tier=tier, packet_dtype=packet_dtype)
         if time.perf_counter() > deadline:
@@ -514,12 +507,6 @@ def bench_tier(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant:
                 def step():
                     return fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused,
                                       projections)[0]
-            elif "graph" in variant:
-                graph = PipelinedGraph(model, buf, ctx.preamble_kv, packets, n_task, fused,
-                                       projections)
-
-                def step():
-                    return graph(packets, ctx.task_ids.to(device))
             else:
                 staging = Staging.allocate(model, packets)
 
@@ -531,7 +518,7 @@ def bench_tier(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant:
             issued: list[float] = []
             times = time_runs(step, device, cfg.warmup, cfg.repeats, cfg.min_repeats,
                               cfg.max_seconds, setup, issued)
-            step = staging = graph = None  # frees the captured graphs and the staging slots
+            step = staging = None  # frees the captured graph and the staging slots
         moved = sum(p.nbytes for p in packets) if tier != "gpu" else 0
         return row("kv_packet", "", variant, times, plain["flops"], plain["cached"], tier=tier,
                    packet_dtype=packet_dtype, transfer_bytes=moved,
