@@ -15,7 +15,9 @@ assembly alone; ``rotation_ms`` is what re-rotation adds to it: the assembly min
 without rotation. With ``tiers`` / ``packet_dtypes`` beyond ("gpu", "model"), KV Packet is also
 timed with its packets in another tier (``tier``: "host" = pinned host memory, "disk" = memory-
 mapped files whose cached pages are dropped before every run; variant "pipelined+fused",
-``kvp.query_step.pipelined_query``) and stored as ``packet_dtype`` fp8 / int8.
+``kvp.query_step.pipelined_query``) and stored as ``packet_dtype`` fp8 / int8; ``issue_ms`` is
+the host's time until such a step returned, before the device finished (close to ``ttft_ms``: the
+step is bound by the host).
 
 Floors: ``floor_mem_ms`` = (weights read once + the method's cached KV) / measured device
 bandwidth (a large device-to-device copy); ``floor_flops_ms`` = analytic FLOPs / measured bf16
