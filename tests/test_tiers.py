@@ -17,7 +17,8 @@ from kvp.compact import dequantize, quantize
 from kvp.methods import get_method, make_context
 from kvp.models import load_model
 from kvp.packet import PacketStore, PacketWrapper, assemble, build_packet
-from kvp.query_step import KVBuffer, Staging, assemble_into, fast_query, pipelined_query
+from kvp.query_step import (KVBuffer, PipelinedGraph, Staging, assemble_into, fast_query,
+                            pipelined_query)
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="Triton is not installed (no wheels for this platform)")
@@ -210,3 +211,46 @@ def test_pipelined_query_on_cuda_is_the_resident_query(packet_dtype, tmp_path):
         assert torch.equal(got, want), tier
         assert torch.equal(buf.keys[:, :, :n - 3], ref.keys[:, :, :n - 3])
         assert torch.equal(buf.values[:, :, :n - 3], ref.values[:, :, :n - 3])
+
+
+def test_pipelined_graph_refuses_a_cpu_buffer(smollm, wrapper, tmp_path):
+    ctx, packets = query(smollm, store_of(smollm, tmp_path, ("host",), "model"), wrapper)
+    buf = KVBuffer.allocate(smollm.model, 64)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device.*use pipelined_query"):
+        PipelinedGraph(smollm.model, buf, ctx.preamble_kv, packets, len(ctx.task_ids))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packet_dtype", ["model", "fp8"])
+def test_pipelined_graph_is_the_resident_query_for_every_packet_set(packet_dtype):
+    """One captured graph, replayed for two packet sets of the same shapes from pinned host
+    memory, gives each set's resident logits (the copies follow the new addresses)."""
+    from kvp.bench import IdTokenizer
+
+    model = load_model("arch:llama-3.1-8b", device="cuda", config_overrides=SMALL_LLAMA)[0]
+    wrapper = PacketWrapper.init_from_embeddings(model, 8, 8, seed=1, model_name="m")
+    gen = torch.Generator().manual_seed(0)
+    sets = [[" ".join(map(str, torch.randint(0, 1024, (n,), generator=gen).tolist()))
+             for n in (300, 500, 200)] for _ in range(2)]
+    stores = {t: PacketStore(model, IdTokenizer(), "m", tiers=(t,), packet_dtype=packet_dtype)
+              for t in ("gpu", "host")}
+    ctx = make_context(model, IdTokenizer(), stores["gpu"], "5 6 7 8 9", sets[0], "10 11 12",
+                       wrapper)
+    ids = ctx.task_ids.to("cuda")
+    wants, hosted = [], []
+    for docs in sets:
+        resident = [stores["gpu"].get(d, wrapper) for d in docs]
+        n = ctx.n_preamble + sum(p.kv.length for p in resident) + len(ids)
+        wants.append(fast_query(model, KVBuffer.allocate(model, n), ctx.preamble_kv, resident,
+                                ids, fused=True)[0].clone())
+        hosted.append([stores["host"].get(d, wrapper) for d in docs])
+        assert hosted[-1][0].kv.keys.is_pinned()
+    buf = KVBuffer.allocate(model, n)
+    graph = PipelinedGraph(model, buf, ctx.preamble_kv, hosted[0], len(ids), fused=True)
+    for k in (1, 0, 1):
+        got = graph(hosted[k], ids).clone()
+        torch.testing.assert_close(got, wants[k], rtol=1e-3, atol=1e-3)
+        assert got.argmax() == wants[k].argmax()
+    assert not torch.allclose(wants[0], wants[1], rtol=1e-3, atol=1e-3)  # the sets differ
+    with pytest.raises(ValueError, match="do not fit this graph's layout"):
+        graph(hosted[0][:2], ids)

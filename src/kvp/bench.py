@@ -63,8 +63,8 @@ from kvp.methods import get_method, make_context
 from kvp.methods.base import QueryContext
 from kvp.models import load_model, resolve_device, resolve_dtype
 from kvp.packet import TIERS, PacketStore, PacketWrapper, assemble
-from kvp.query_step import (FusedProjections, KVBuffer, PromptGraph, Staging, assemble_into,
-                             fast_query, pipelined_query)
+from kvp.query_step import (FusedProjections, KVBuffer, PipelinedGraph, PromptGraph, Staging,
+                             assemble_into, fast_query, pipelined_query)
 
 DEFAULT_METHODS: tuple[tuple[str, dict], ...] = (
     ("full_recompute", {}), ("no_recompute", {}), ("kv_packet", {}),
@@ -73,6 +73,8 @@ DEFAULT_METHODS: tuple[tuple[str, dict], ...] = (
 )
 FAST_VARIANTS = ("fast", "fast+graph", "fast+graph+fused")
 TIER_VARIANTS = ("pipelined", "pipelined+fused")  # packets in host memory or on disk
+# The host tier's step as one CUDA graph (kvp.query_step.PipelinedGraph), timed with --host-graph.
+HOST_GRAPH_VARIANT = "pipelined+graph+fused"
 COLUMNS = ["device", "model", "method", "setting", "variant", "tier", "packet_dtype", "label",
            "context_tokens", "n_docs", "cached_tokens", "prompt_tokens", "ttft_ms", "ttft_p10_ms",
            "ttft_p90_ms", "n_runs", "floor_ms", "floor_mem_ms", "floor_flops_ms",
@@ -117,6 +119,7 @@ class BenchConfig:
     max_seconds: float = 2.0
     time_limit_s: float = float("inf")
     seed: int = 0
+    host_graph: bool = False  # also time HOST_GRAPH_VARIANT on the host tier (CUDA only)
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in FAST_VARIANTS]
@@ -400,6 +403,8 @@ def bench_fast(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, plai
             if (tier, packet_dtype) != ("gpu", "model"):
                 variant = best if tier == "gpu" else TIER_VARIANTS[device.type == "cuda"]
                 jobs.append((variant, tier, packet_dtype))
+                if tier == "host" and cfg.host_graph and device.type == "cuda":
+                    jobs.append((HOST_GRAPH_VARIANT, tier, packet_dtype))
     for variant, tier, packet_dtype in jobs:
         where = dict(tier=tier, packet_dtype=packet_dtype)
         if time.perf_counter() > deadline:
@@ -509,6 +514,12 @@ def bench_tier(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant:
                 def step():
                     return fast_query(model, buf, ctx.preamble_kv, packets, ctx.task_ids, fused,
                                       projections)[0]
+            elif variant == HOST_GRAPH_VARIANT:
+                graph = PipelinedGraph(model, buf, ctx.preamble_kv, packets, n_task, fused,
+                                       projections)
+
+                def step():
+                    return graph(packets, ctx.task_ids.to(device))
             else:
                 staging = Staging.allocate(model, packets)
 
@@ -520,7 +531,7 @@ def bench_tier(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant:
             issued: list[float] = []
             times = time_runs(step, device, cfg.warmup, cfg.repeats, cfg.min_repeats,
                               cfg.max_seconds, setup, issued)
-            step = staging = None  # frees the captured graph and the staging slots
+            step = staging = graph = None  # frees the captured graphs and the staging slots
         moved = sum(p.nbytes for p in packets) if tier != "gpu" else 0
         return row("kv_packet", "", variant, times, plain["flops"], plain["cached"], tier=tier,
                    packet_dtype=packet_dtype, transfer_bytes=moved,
@@ -741,7 +752,8 @@ def run(args) -> Path:
                           repeats=args.repeats, max_seconds=args.max_seconds,
                           methods=tuple(m for m in DEFAULT_METHODS if m[0] in args.methods),
                           variants=tuple(args.variants), tiers=tuple(args.tiers),
-                          packet_dtypes=packet_dtypes, packet_dir=str(packet_dir))
+                          packet_dtypes=packet_dtypes, packet_dir=str(packet_dir),
+                          host_graph=args.host_graph)
         model_deadline = min(deadline, time.perf_counter() + args.model_time_limit)
         rows = bench_model(model, name, cfg, env, model_deadline, path, rows,
                            log=lambda s: print(s, flush=True))
@@ -784,6 +796,9 @@ def main(argv: list[str] | None = None, save_figures=None) -> None:
                    help="packet storage: model (or its dtype, e.g. bf16), fp8, int8")
     r.add_argument("--packet-dir", default=None,
                    help="directory of the disk tier (default: --out); its files are removed")
+    r.add_argument("--host-graph", action="store_true",
+                   help="also time the host tier as one CUDA graph (PipelinedGraph; experimental: "
+                   "its GPU equivalence test has not passed yet)")
     r.add_argument("--model-time-limit", type=float, default=float("inf"),
                    help="seconds per model (within --time-limit)")
     s = sub.add_parser("summary", help="key ratios and log-log slopes of CSVs")

@@ -412,10 +412,11 @@ class _Transfer:
     on CUDA on a side stream, each layer's arrival and release marked by events; elsewhere the
     same steps as synchronous copies."""
 
-    def __init__(self, staging: Staging, packets: list[Packet], n_layers: int):
+    def __init__(self, staging: Staging, packets: list[Packet], n_layers: int,
+                 arrived: list | None = None):
         self.staging, self.packets, self.n_layers = staging, packets, n_layers
         cuda = staging.stream is not None
-        self.arrived = [torch.cuda.Event() if cuda else None for _ in range(n_layers)]
+        self.arrived = arrived or [torch.cuda.Event() if cuda else None for _ in range(n_layers)]
         self.freed = [torch.cuda.Event() if cuda else None for _ in range(n_layers)]
 
     def _side(self):
@@ -519,6 +520,93 @@ def pipelined_query(model, buf: KVBuffer, preamble: ChunkKV, packets: list[Packe
     logits = prompt_step(model, buf, n_cached, ids, prompt_positions(model, start, len(ids)),
                          fused, projections, before)
     return logits, start + len(ids)
+
+
+class PipelinedGraph:
+    """``pipelined_query`` for one layout (these packet shapes and preamble, this prompt length)
+    as one CUDA graph: the preamble's assembly, every layer's packet assembly and the prompt step.
+    See docs/method.md#packet-tiers.
+
+    **Experimental, not yet verified:** its one GPU run gave wrong logits (the prompt positions
+    were freed after capture; fixed since, not yet re-run). Until
+    ``tests/test_tiers.py::test_pipelined_graph_is_the_resident_query_for_every_packet_set``
+    passes on a GPU, use ``pipelined_query``; the benchmark times this only with ``--host-graph``.
+
+    The eager pipelined step is bound by the host: it launches each layer's kernels from Python
+    while the copies wait. Here only the copies stay outside the graph (the packets, and so their
+    addresses, change with every query): each call issues every layer's host → device copy on
+    the staging stream, recording one external event per layer, then replays the graph, which
+    waits on layer l's event right before assembling layer l. The staging therefore holds every
+    layer (no ring: a graph cannot hand slots back to copies the host issues), i.e. the packets'
+    bytes on the device, in their stored dtype. Packets must be in page-locked host memory (the
+    host tier); disk packets go through ``pipelined_query``. The assembly inside the graph uses the
+    eager re-rotation (same maths as the Triton one; launches cost nothing in a graph).
+    """
+
+    def __init__(self, model, buf: KVBuffer, preamble: ChunkKV, packets: list[Packet],
+                 prompt_len: int, fused: bool = False,
+                 projections: FusedProjections | None = None, warmup: int = 2):
+        if buf.keys.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, the buffer is on {buf.keys.device}; "
+                             "use pipelined_query on other devices")
+        if not all(p.kv.keys.is_pinned() and p.kv.values.is_pinned() for p in packets):
+            raise ValueError("PipelinedGraph needs every packet in page-locked host memory (the "
+                             "host tier); use pipelined_query for packets on disk or the device")
+        n_layers = model.config.num_hidden_layers
+        self.n_layers = n_layers
+        self.staging = Staging.allocate(model, packets, depth=n_layers)
+        self.arrived = [torch.cuda.Event(external=True) for _ in range(n_layers)]
+        chunks, slots, offsets, n_cached, start, cos, sin = _layout(model, buf, preamble, packets)
+        self.next_position = start + prompt_len
+        self.ids = torch.zeros(prompt_len, dtype=torch.long, device=buf.keys.device)
+        # Everything the graph reads stays referenced by it: freed, its memory would be reused.
+        self.positions = positions = prompt_positions(model, start, prompt_len)
+        self.tables = cos, sin
+        view = _Transfer(self.staging, packets, n_layers, self.arrived)  # the staging's layer views
+        at, by = slots[1:], offsets[1:]
+
+        def step() -> torch.Tensor:
+            write_chunks(buf.keys, buf.values, [preamble], [None], slots[:1], offsets[:1], cos, sin,
+                         False)
+
+            def before(layer: int) -> None:
+                torch.cuda.current_stream().wait_event(self.arrived[layer])
+                layer_chunks, scales = view.chunks(layer)
+                write_chunks(buf.keys[layer:layer + 1], buf.values[layer:layer + 1], layer_chunks,
+                             scales, at, by, cos, sin, False)
+
+            return prompt_step(model, buf, n_cached, self.ids, positions, fused, projections, before)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture (compiler, allocator, handles)
+            for _ in range(warmup):
+                self._issue(packets)
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize(buf.keys.device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step()
+        self.preamble, self.buf = preamble, buf
+
+    def _issue(self, packets: list[Packet]) -> None:
+        """Every layer of ``packets`` onto the staging (after the last step has read it)."""
+        if not self.staging.fits(packets):
+            raise ValueError(f"packets of shapes {[tuple(p.kv.keys.shape) for p in packets]} do "
+                             f"not fit this graph's layout {self.staging.shapes}: capture a "
+                             "PipelinedGraph for them")
+        self.staging.stream.wait_stream(torch.cuda.current_stream())
+        _Transfer(self.staging, packets, self.n_layers, self.arrived).start()
+
+    def __call__(self, packets: list[Packet], input_ids: torch.Tensor) -> torch.Tensor:
+        """The query step for ``packets`` (the captured shapes, in host memory) and prompt
+        ``input_ids`` (prompt_len,) on the device; returns the first logits (V,) (a static
+        tensor, overwritten by the next call)."""
+        self.ids.copy_(input_ids)
+        self._issue(packets)
+        self.graph.replay()
+        return self.logits
 
 
 class PromptGraph:
