@@ -557,11 +557,11 @@ class PipelinedGraph:
         self.staging = Staging.allocate(model, packets, depth=n_layers)
         self.arrived = [torch.cuda.Event(external=True) for _ in range(n_layers)]
         chunks, slots, offsets, n_cached, start, cos, sin = _layout(model, buf, preamble, packets)
-        self.next_position = start + prompt_len
+        self.next_position = start + prompt_len  # where decoding continues after the step
         self.ids = torch.zeros(prompt_len, dtype=torch.long, device=buf.keys.device)
-        # Everything the graph reads stays referenced by it: freed, its memory would be reused.
-        self.positions = positions = prompt_positions(model, start, prompt_len)
-        self.tables = cos, sin
+        positions = prompt_positions(model, start, prompt_len)
+        # Everything the graph reads stays referenced: freed, its memory would be reused.
+        self._read = (buf, preamble, positions, cos, sin)
         view = _Transfer(self.staging, packets, n_layers, self.arrived)  # the staging's layer views
         at, by = slots[1:], offsets[1:]
 
@@ -588,7 +588,6 @@ class PipelinedGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = step()
-        self.preamble, self.buf = preamble, buf
 
     def _issue(self, packets: list[Packet]) -> None:
         """Every layer of ``packets`` onto the staging (after the last step has read it)."""
