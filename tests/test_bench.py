@@ -357,3 +357,10 @@ def test_fused_kernels_and_cuda_graph_match_the_plain_path():
     for out in [logits] + replayed:
         torch.testing.assert_close(out.float(), plain.first_logits.float(), rtol=0.05, atol=0.5)
         assert out.argmax() == plain.first_logits.argmax()
+
+
+def test_host_graph_on_a_cpu_is_refused_before_any_timing(small_llama, tmp_path):
+    env = environment(torch.device("cpu"), torch.float32, links_dir=tmp_path)
+    cfg = dataclasses.replace(TINY, tiers=("host",), host_graph=True)
+    with pytest.raises(ValueError, match=r"--host-graph.*model is on cpu; drop it"):
+        bench_model(small_llama, "arch:llama-3.1-8b", cfg, env, log=lambda s: None)

@@ -403,7 +403,7 @@ def bench_fast(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, plai
             if (tier, packet_dtype) != ("gpu", "model"):
                 variant = best if tier == "gpu" else TIER_VARIANTS[device.type == "cuda"]
                 jobs.append((variant, tier, packet_dtype))
-                if tier == "host" and cfg.host_graph and device.type == "cuda":
+                if tier == "host" and cfg.host_graph:
                     jobs.append((HOST_GRAPH_VARIANT, tier, packet_dtype))
     for variant, tier, packet_dtype in jobs:
         where = dict(tier=tier, packet_dtype=packet_dtype)
@@ -546,6 +546,9 @@ def bench_model(model, model_name: str, cfg: BenchConfig, env: Environment,
                 previous: list[dict] | None = None, log=print) -> list[dict]:
     """Every configuration of ``cfg`` for one loaded model; rows appended to ``previous`` and, if
     ``csv_path`` is given, the CSV rewritten after each configuration (partial runs keep data)."""
+    if cfg.host_graph and model.device.type != "cuda":
+        raise ValueError(f"host_graph (--host-graph) times a CUDA graph, the model is on "
+                         f"{model.device}; drop it or run on a CUDA device")
     rows = list(previous or [])
     h, t = cfg.wrapper_tokens
     wrapper = PacketWrapper.init_from_embeddings(model, h, t, seed=cfg.seed, model_name=model_name)
