@@ -39,12 +39,14 @@ import argparse
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -71,6 +73,7 @@ PROFILE_KEYS = ("description", "defaults", "axes", "notebooks")
 NOTEBOOK_KEYS = ("expand", "params")
 RESERVED_PARAMS = ("OUT_DIR",)
 LOG_FILE = "run.log"
+PRODUCERS = ("02_train_adapters",)  # notebooks whose outputs (adapters) later notebooks read
 
 
 # ------------------------------------------------------------------------------------ profiles
@@ -329,16 +332,41 @@ def execute_run(run: Run, notebook_dir: Path, force: bool = False) -> Outcome:
     return Outcome(run, "done", wall_s, log)
 
 
-def run_matrix(runs: Sequence[Run], notebook_dir: Path, force: bool = False) -> list[Outcome]:
-    """Execute every run in order with a progress bar; failures are collected, not raised."""
-    outcomes = []
-    with tqdm(runs, desc="pipeline", unit="run") as bar:
-        for run in bar:
-            bar.set_postfix_str(run.run_id)
-            outcome = execute_run(run, notebook_dir, force)
-            bar.write(f"{outcome.status:>7}  {run.run_id}  ({outcome.wall_s:.1f} s)")
-            outcomes.append(outcome)
-    return outcomes
+def run_matrix(runs: Sequence[Run], notebook_dir: Path, force: bool = False,
+               jobs: int = 1) -> list[Outcome]:
+    """Execute every run with a progress bar; failures are collected, not raised.
+
+    ``jobs`` > 1 executes that many runs at a time, each in its own process and kernel (e.g. the
+    small embedded models sharing one GPU). Runs of :data:`PRODUCERS` all finish before any later
+    run starts, since later notebooks may read what they write; otherwise runs start in profile
+    order and outcomes come back in that order.
+    """
+    outcomes: dict[int, Outcome] = {}
+    waves, current = [], []
+    for index, run in enumerate(runs):
+        if current and (runs[current[-1]].notebook in PRODUCERS) != (run.notebook in PRODUCERS):
+            waves.append(current)
+            current = []
+        current.append(index)
+    waves += [current] if current else []
+    with tqdm(total=len(runs), desc="pipeline", unit="run") as bar:
+        def report(index: int, outcome: Outcome) -> None:
+            outcomes[index] = outcome
+            bar.update()
+            bar.write(f"{outcome.status:>7}  {outcome.run.run_id}  ({outcome.wall_s:.1f} s)")
+
+        if jobs <= 1:
+            for index in range(len(runs)):
+                bar.set_postfix_str(runs[index].run_id)
+                report(index, execute_run(runs[index], notebook_dir, force))
+        else:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+                for wave in waves:
+                    futures = {pool.submit(execute_run, runs[i], notebook_dir, force): i for i in wave}
+                    for future in as_completed(futures):
+                        report(futures[future], future.result())
+    return [outcomes[i] for i in range(len(runs))]
 
 
 def write_report(profile_dir: Path, profile: Profile, all_runs: Sequence[Run],
@@ -369,6 +397,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="where --redraw writes the figures")
     parser.add_argument("--only", action="append", metavar="NOTEBOOK",
                         help="run only this notebook of the profile (repeatable)")
+    parser.add_argument("--match", action="append", metavar="NAME=VALUE", default=[],
+                        help="run only the runs whose parameter NAME is VALUE, e.g. "
+                             "MODEL=smollm2-135m (repeatable: all must hold)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="execute N runs at a time, one process and kernel each (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="validate and list the runs, run nothing")
     parser.add_argument("--force", action="store_true", help="re-run cells already marked done")
     parser.add_argument("--config-dir", type=Path, default=Path("configs"))
@@ -377,15 +410,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def select(runs: Sequence[Run], profile: Profile, only: Sequence[str] | None) -> list[Run]:
-    """The runs of the notebooks named by ``--only`` (all runs when it is not given)."""
-    if not only:
-        return list(runs)
-    for name in only:
+def select(runs: Sequence[Run], profile: Profile, only: Sequence[str] | None,
+           match: Sequence[str] = ()) -> list[Run]:
+    """The runs of the notebooks named by ``--only`` (all when it is not given) whose parameters
+    satisfy every ``--match NAME=VALUE`` (values compared as written in the profile)."""
+    for name in only or ():
         if name not in profile.notebooks:
             raise ConfigError(f"--only {name!r} is not a notebook of profile {profile.name}; "
                               f"its notebooks: {list(profile.notebooks)}")
-    return [r for r in runs if r.notebook in only]
+    chosen = [r for r in runs if not only or r.notebook in only]
+    for condition in match:
+        key, sep, value = condition.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--match {condition!r} is not NAME=VALUE, e.g. --match MODEL=smollm2-135m")
+        values = sorted({str(r.params[key]) for r in runs if key in r.params})
+        if not values:
+            raise ConfigError(f"--match {condition!r}: no run of profile {profile.name} has a "
+                              f"parameter {key}")
+        if value not in values:
+            raise ConfigError(f"--match {condition!r}: {key} takes the values {values} in profile "
+                              f"{profile.name}; pick one of them")
+        chosen = [r for r in chosen if str(r.params.get(key)) == value]
+    return chosen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -403,7 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         profile = load_profile(args.profile, args.config_dir)
         all_runs = profile.runs(args.results_dir)
-        runs = select(all_runs, profile, args.only)
+        runs = select(all_runs, profile, args.only, args.match)
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs {args.jobs}: give 1 or more runs at a time")
         validate(profile, runs, args.notebook_dir, need_files=not args.dry_run)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -414,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{state:>4}  {run.run_id}")
         print(f"{len(runs)} runs in profile {profile.name}")
         return 0
-    outcomes = run_matrix(runs, args.notebook_dir, args.force)
+    outcomes = run_matrix(runs, args.notebook_dir, args.force, args.jobs)
     profile_dir = args.results_dir / profile.name
     write_report(profile_dir, profile, all_runs, outcomes, time.perf_counter() - t0)
     failures = [o for o in outcomes if o.status == "failed"]
