@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,8 @@ from kvp.methods import get_method
 from kvp.models import load_model
 from kvp.packet import PacketWrapper, assemble
 from kvp.rope import apply_rotation
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SMALL_LLAMA = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=512,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1024)
@@ -305,6 +308,17 @@ def test_old_csvs_read_as_the_gpu_tier_in_the_model_dtype(tmp_path):
     old.to_csv(tmp_path / "old.csv", index=False)
     df = read_csvs([tmp_path / "old.csv"])
     assert (df["tier"] == "gpu").all() and (df["packet_dtype"] == "bf16").all()
+
+
+def test_host_graph_step_is_a_line_of_its_own_in_the_tier_summary():
+    # a committed GPU run that timed both host-tier steps (--host-graph): two lines per dtype
+    df = read_csvs([ROOT / "data" / "benchmarks" / "ttft_nvidia-h200_2026-12-02_host-graph.csv"])
+    tiers = tier_summary(df, 8192, 8)
+    host = tiers[tiers["tier"] == "host"]
+    assert sorted(host["label"]) == sorted(
+        f"kv_packet[{v}]@host{s}" for v in ("pipelined+fused", "pipelined+graph+fused") for s in ("", ":fp8"))
+    assert tiers.groupby(["tier", "packet_dtype"]).size().to_dict() == {
+        ("gpu", "bf16"): 1, ("gpu", "fp8"): 1, ("host", "bf16"): 2, ("host", "fp8"): 2}
 
 
 def test_crossover_is_where_reuse_starts_to_beat_recompute():

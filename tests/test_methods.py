@@ -66,3 +66,18 @@ def test_bad_inputs_get_clear_errors(smollm):
         get_method("nope")
     with pytest.raises(ValueError, match="ratio=1.5"):
         get_method("cache_blend", ratio=1.5)
+
+
+def test_sam_kv_recomputes_all_of_a_document_shorter_than_its_ends(smollm):
+    # a document of fewer tokens than initial + local (e.g. the last chunk of a NIAH haystack) is
+    # recomputed whole, with no middle blocks to score
+    model, tokenizer = smollm.model, smollm.tokenizer
+    pre, docs, task = segments(tokenizer)
+    c = make_context(model, tokenizer, PacketStore(model, tokenizer, "smollm2-135m"), pre,
+                     [*docs, "The end of the file."], task)
+    method = get_method("sam_kv", initial=8, local=16)
+    short = len(c.doc_ids[-1])
+    assert short < 8 + 16
+    kv = method.prepare(c)
+    out = method.prefill(c, kv)
+    assert out.n_recomputed >= short and out.next_pos == first_logits(c, "full_recompute").next_pos

@@ -70,20 +70,59 @@ def test_run_id_is_readable_and_deterministic():
     assert same == run_id and other != run_id
 
 
-@pytest.mark.parametrize("name", ["quick", "paper"])
+@pytest.mark.parametrize("name", ["quick", "paper", "hub"])
 def test_shipped_profiles_expand_and_validate(name):
     profile = load_profile(name, ROOT / "configs")
     runs = profile.runs("results")
     validate(profile, runs, ROOT / "notebooks", need_files=False)
-    assert set(profile.notebooks) == set(pipeline.NOTEBOOKS)
+    assert set(profile.notebooks) <= set(pipeline.NOTEBOOKS)
     assert len({r.run_id for r in runs}) == len(runs)
     evaluate = [r for r in runs if r.notebook == "03_evaluate"]
     assert {r.params["DATASET"] for r in evaluate} >= {"biography", "niah"}
     assert all(set(r.params["METHODS"]) == set(METHODS) for r in evaluate)
+    models = {r.params["MODEL"] for r in evaluate}
     if name == "quick":
         assert {r.params["MODEL"] for r in runs} == {"smollm2-135m"}
+    elif name == "paper":  # the paper's sizes on the embedded models, three wrapper seeds
+        assert models == {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"}
+        assert all(r.params["N_SAMPLES"] >= 200 and r.params["EXTRA_ADAPTER_SEEDS"] == [1, 2]
+                   and r.params["RECOMPUTE_RATIOS"] == [0.1, 0.3, 0.5, 0.7, 0.9] for r in evaluate)
     else:
-        assert {r.params["MODEL"] for r in evaluate} == {"meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-4B"}
+        assert models == {"meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-4B"}
+
+
+def test_match_keeps_the_runs_whose_parameter_has_the_value():
+    profile = load_profile("paper", ROOT / "configs")
+    runs = profile.runs("results")
+    chosen = pipeline.select(runs, profile, ["03_evaluate"], ["MODEL=smollm2-135m", "DATASET=niah"])
+    assert [(r.notebook, r.params["MODEL"], r.params["DATASET"]) for r in chosen] == [
+        ("03_evaluate", "smollm2-135m", "niah")]
+    assert {r.notebook for r in pipeline.select(runs, profile, None, ["MODEL=qwen2.5-coder-1.5b"])} \
+        == {"01_attention_shift", "03_evaluate", "04_attention_maps", "05_compression"}
+    with pytest.raises(ConfigError, match=r"MODEL takes the values \[.*'smollm2-135m'.*pick one"):
+        pipeline.select(runs, profile, None, ["MODEL=qwen3"])
+    with pytest.raises(ConfigError, match="no run of profile paper has a parameter NOPE"):
+        pipeline.select(runs, profile, None, ["NOPE=1"])
+    with pytest.raises(ConfigError, match="is not NAME=VALUE"):
+        pipeline.select(runs, profile, None, ["MODEL"])
+
+
+def test_waves_finish_the_training_runs_before_later_notebooks_start():
+    profile = load_profile("hub", ROOT / "configs")
+    runs = profile.runs("results")
+    groups = pipeline.waves(runs)
+    assert [i for group in groups for i in group] == list(range(len(runs)))
+    notebooks = [{runs[i].notebook for i in group} for group in groups]
+    assert notebooks[0] == {"02_train_adapters"} and "02_train_adapters" not in set().union(*notebooks[1:])
+    assert len(pipeline.waves(load_profile("paper", ROOT / "configs").runs("results"))) == 1
+
+
+def test_each_kernel_gets_its_own_ipc_socket_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first, second = pipeline.IPCKernelManager(), pipeline.IPCKernelManager()
+    assert first.transport == second.transport == "ipc"
+    assert first.ip != second.ip and Path(first.ip).is_absolute()
+    assert Path(first.ip).parent != tmp_path  # not the shared default in the working directory
 
 
 # ------------------------------------------------------------------------------- validation
@@ -217,6 +256,19 @@ def test_failing_cell_does_not_stop_the_matrix(tmp_path):
     report = json.loads((tmp_path / "tiny_fail" / "pipeline.json").read_text())
     assert report["failures"] == [{"run_id": failed.name, "log": str(log),
                                    "error": "RuntimeError: tiny notebook asked to fail"}]
+
+
+@pytest.mark.notebook
+def test_jobs_run_cells_side_by_side_each_with_its_own_kernel(tmp_path):
+    result = subprocess.run(cli("tiny", tmp_path, "--jobs", "2"), cwd=ROOT, capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    done = [json.loads(p.read_text()) for p in sorted((tmp_path / "tiny").glob(f"*/{DONE_FILE}"))]
+    assert len(done) == 2
+    starts = sorted(pd.Timestamp(d["started"]).timestamp() for d in done)
+    assert starts[1] - starts[0] < min(d["wall_s"] for d in done)  # the second began before the first ended
+    summary = pd.read_csv(tmp_path / "tiny" / "summary.csv")
+    assert sorted(summary["dataset"].unique()) == ["biography", "niah"] and len(summary) == 4
 
 
 # ------------------------------------------------------------------ errors caught before running

@@ -46,7 +46,8 @@ SEGMENTS = ("preamble", "header", "document", "trailer")
 
 @dataclass
 class AttentionMap:
-    """One sample's attention under one method.
+    """One sample's attention under one method; every tensor on the CPU, whatever the model's
+    device (maps are for plots and analysis, and an (L, H, N, N) map need not hold GPU memory).
 
     probs: (L, H, N, N) attention probabilities over the joint sequence (rows = queries); rows the
         method never computes in one pass (the context rows of CacheBlend) are NaN.
@@ -181,10 +182,10 @@ def joint_attention(ctx: QueryContext, method: str, dtype: torch.dtype = torch.f
         else:
             joint = torch.cat([ctx.preamble_ids, *ctx.doc_ids, ctx.task_ids])  # (N,)
             _, _, out = block_forward(model, joint[:0], [], joint, output_attentions=True)
-    probs = torch.cat(out.attentions).to(dtype)  # (L, H, N, N)
+    probs = torch.cat(out.attentions).to("cpu", dtype)  # (L, H, N, N)
     start = layout.final[0]
     scores = torch.stack([_scores(model, qk[i][0][:, start:], qk[i][1][:, :start])
-                          for i in range(len(qk))])  # (L, H, T, C)
+                          for i in range(len(qk))]).cpu()  # (L, H, T, C)
     return AttentionMap(method, layout, _token_ids(ctx, layout), probs, scores)
 
 
@@ -235,9 +236,9 @@ def capture(ctx: QueryContext, method: str | Method, dtype: torch.dtype = torch.
     rows, scores, layout = cached_attention(ctx, method)
     n = layout.length
     probs = torch.full((*rows.shape[:2], n, n), float("nan"), dtype=dtype)
-    probs[:, :, layout.final[0]:] = rows.to(dtype)
+    probs[:, :, layout.final[0]:] = rows.to("cpu", dtype)
     label = method.name + (f" ({method.setting})" if method.setting else "")
-    return AttentionMap(label, layout, _token_ids(ctx, layout), probs, scores)
+    return AttentionMap(label, layout, _token_ids(ctx, layout), probs, scores.cpu())
 
 
 def _resample(profile: torch.Tensor, n_bins: int) -> torch.Tensor:

@@ -671,7 +671,8 @@ def summary(df: pd.DataFrame, context_tokens: int = 8192, n_docs: int = 8) -> pd
 
 def tier_lines(df: pd.DataFrame) -> pd.DataFrame:
     """KV Packet's rows per (tier, packet dtype): on the GPU tier in the model's dtype its most
-    optimised variant, elsewhere the one measured. Adds ``line`` ("gpu bf16", "host fp8", …)."""
+    optimised variant, elsewhere the one measured, and the host tier's CUDA-graph step
+    (``--host-graph``) as a line of its own. Adds ``line`` ("gpu bf16", "host fp8 graph", …)."""
     df = with_tiers(df)
     ok = df[(df["status"] == "ok") & (df["method"] == "kv_packet")]
     keep = []
@@ -681,7 +682,8 @@ def tier_lines(df: pd.DataFrame) -> pd.DataFrame:
             labels = set(g["label"])
             pick = g[g["label"] == next((x for x in PACKET_LABELS if x in labels), g["label"].iloc[0])] \
                 if dtype == dtype_name(g["dtype"].iloc[0]) else g
-        keep.append(pick.assign(line=f"{tier} {dtype}"))
+        graph = pick["label"].str.contains(f"[{HOST_GRAPH_VARIANT}]", regex=False)
+        keep.append(pick.assign(line=np.where(graph, f"{tier} {dtype} graph", f"{tier} {dtype}")))
     return pd.concat(keep, ignore_index=True) if keep else ok.assign(line=[])
 
 

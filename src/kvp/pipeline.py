@@ -45,6 +45,7 @@ import re
 import sys
 import time
 import traceback
+import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from typing import Any
 import papermill
 import yaml
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.paths import jupyter_runtime_dir
 from tqdm.auto import tqdm
 from traitlets import default
 
@@ -73,6 +75,7 @@ PROFILE_KEYS = ("description", "defaults", "axes", "notebooks")
 NOTEBOOK_KEYS = ("expand", "params")
 RESERVED_PARAMS = ("OUT_DIR",)
 LOG_FILE = "run.log"
+KERNEL_START_TIMEOUT_S = 600  # a loaded machine (several runs, one GPU) can take minutes
 PRODUCERS = ("02_train_adapters",)  # notebooks whose outputs (adapters) later notebooks read
 
 
@@ -301,6 +304,15 @@ class IPCKernelManager(AsyncKernelManager):
     def _default_transport(self) -> str:
         return "ipc"
 
+    @default("ip")
+    def _default_ip(self) -> str:
+        """A socket path of this kernel alone. The library's default, ``kernel-ipc`` in the working
+        directory, is shared by every kernel started there: runs executed side by side
+        (``--jobs``) then reach each other's kernels and fail with "Invalid Signature"."""
+        runtime = Path(jupyter_runtime_dir())
+        runtime.mkdir(parents=True, exist_ok=True)
+        return str(runtime / f"kvp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
 
 def execute_run(run: Run, notebook_dir: Path, force: bool = False) -> Outcome:
     """Execute one run unless already done; the executed notebook appears only when complete."""
@@ -316,6 +328,7 @@ def execute_run(run: Run, notebook_dir: Path, force: bool = False) -> Outcome:
         papermill.execute_notebook(str(notebook_dir / f"{run.notebook}.ipynb"), str(partial),
                                    parameters=run.params, kernel_name=KERNEL, cwd=str(Path.cwd()),
                                    log_output=False, progress_bar=False,
+                                   start_timeout=KERNEL_START_TIMEOUT_S,
                                    kernel_manager_class=IPCKernelManager)
     except Exception as error:  # any failure of the notebook is reported, the matrix goes on
         log = _write_log(run, partial, error)
@@ -332,23 +345,28 @@ def execute_run(run: Run, notebook_dir: Path, force: bool = False) -> Outcome:
     return Outcome(run, "done", wall_s, log)
 
 
+def waves(runs: Sequence[Run]) -> list[list[int]]:
+    """Indices of ``runs`` cut into consecutive groups that may execute side by side: a group ends
+    where runs of :data:`PRODUCERS` begin or end, so later notebooks never start before the
+    adapters they may read are written."""
+    groups: list[list[int]] = []
+    for index, run in enumerate(runs):
+        if groups and (runs[groups[-1][-1]].notebook in PRODUCERS) == (run.notebook in PRODUCERS):
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
 def run_matrix(runs: Sequence[Run], notebook_dir: Path, force: bool = False,
                jobs: int = 1) -> list[Outcome]:
     """Execute every run with a progress bar; failures are collected, not raised.
 
     ``jobs`` > 1 executes that many runs at a time, each in its own process and kernel (e.g. the
-    small embedded models sharing one GPU). Runs of :data:`PRODUCERS` all finish before any later
-    run starts, since later notebooks may read what they write; otherwise runs start in profile
-    order and outcomes come back in that order.
+    small embedded models sharing one GPU), group after group of :func:`waves`. Outcomes come
+    back in the order of ``runs``.
     """
     outcomes: dict[int, Outcome] = {}
-    waves, current = [], []
-    for index, run in enumerate(runs):
-        if current and (runs[current[-1]].notebook in PRODUCERS) != (run.notebook in PRODUCERS):
-            waves.append(current)
-            current = []
-        current.append(index)
-    waves += [current] if current else []
     with tqdm(total=len(runs), desc="pipeline", unit="run") as bar:
         def report(index: int, outcome: Outcome) -> None:
             outcomes[index] = outcome
@@ -356,14 +374,14 @@ def run_matrix(runs: Sequence[Run], notebook_dir: Path, force: bool = False,
             bar.write(f"{outcome.status:>7}  {outcome.run.run_id}  ({outcome.wall_s:.1f} s)")
 
         if jobs <= 1:
-            for index in range(len(runs)):
-                bar.set_postfix_str(runs[index].run_id)
-                report(index, execute_run(runs[index], notebook_dir, force))
+            for index, run in enumerate(runs):
+                bar.set_postfix_str(run.run_id)
+                report(index, execute_run(run, notebook_dir, force))
         else:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-                for wave in waves:
-                    futures = {pool.submit(execute_run, runs[i], notebook_dir, force): i for i in wave}
+                for group in waves(runs):
+                    futures = {pool.submit(execute_run, runs[i], notebook_dir, force): i for i in group}
                     for future in as_completed(futures):
                         report(futures[future], future.result())
     return [outcomes[i] for i in range(len(runs))]

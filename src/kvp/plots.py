@@ -608,8 +608,10 @@ def plot_tier_latency(bench: pd.DataFrame) -> plt.Figure:
             cross = crossover_tokens(g.set_index("context_tokens")["ttft_ms"], full_ms)
             note = ("beats recompute at every length" if cross == 0 else "never beats recompute"
                     if cross == float("inf") else f"beats recompute above {cross:,.0f} tokens")
-            ax.plot(g["context_tokens"], g["ttft_ms"], color=color, marker="o", ms=4,
-                    ls="--" if compact else "-", label=f"KV Packet, {line} ({note})")
+            graph = line.endswith(" graph")  # the host step as one CUDA graph: square markers
+            ax.plot(g["context_tokens"], g["ttft_ms"], color=color, marker="s" if graph else "o",
+                    ms=5 if graph else 4, lw=2 if graph else 1.5, ls="--" if compact else "-",
+                    label=f"KV Packet, {line} ({note})")
             ax.plot(g["context_tokens"], g["floor_ms"], color=color, ls=":", lw=1)
             if 0 < cross < float("inf"):
                 ax.axvline(cross, color=color, lw=0.8, alpha=0.6)

@@ -41,7 +41,7 @@ class SamKV(PartialRecompute):
         for a, b in docs:
             head_end, tail_start = min(b, a + self.initial), max(a, b - self.local)
             chosen += [torch.arange(a, head_end), torch.arange(max(head_end, tail_start), b)]
-            starts = torch.arange(head_end, tail_start, self.block)
+            starts = torch.arange(head_end, max(head_end, tail_start), self.block)  # none: a short doc
             if len(starts) == 0:
                 continue
             mass = torch.stack([scores[s:min(s + self.block, tail_start)].sum() for s in starts])
