@@ -802,8 +802,7 @@ def main(argv: list[str] | None = None, save_figures=None) -> None:
     r.add_argument("--packet-dir", default=None,
                    help="directory of the disk tier (default: --out); its files are removed")
     r.add_argument("--host-graph", action="store_true",
-                   help="also time the host tier as one CUDA graph (PipelinedGraph; experimental: "
-                   "its GPU equivalence test has not passed yet)")
+                   help="also time the host tier as one CUDA graph (PipelinedGraph; CUDA only)")
     r.add_argument("--model-time-limit", type=float, default=float("inf"),
                    help="seconds per model (within --time-limit)")
     s = sub.add_parser("summary", help="key ratios and log-log slopes of CSVs")

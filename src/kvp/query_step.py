@@ -527,10 +527,10 @@ class PipelinedGraph:
     as one CUDA graph: the preamble's assembly, every layer's packet assembly and the prompt step.
     See docs/method.md#packet-tiers.
 
-    **Experimental, not yet verified:** its one GPU run gave wrong logits (the prompt positions
-    were freed after capture; fixed since, not yet re-run). Until
-    ``tests/test_tiers.py::test_pipelined_graph_is_the_resident_query_for_every_packet_set``
-    passes on a GPU, use ``pipelined_query``; the benchmark times this only with ``--host-graph``.
+    Verified on one H200: ``tests/test_tiers.py::test_pipelined_graph_is_the_resident_query_for_every_packet_set``
+    passes there, and the benchmark (``--host-graph``) finds the same logits as the GPU-resident
+    step (data/benchmarks/README.md). CUDA only; a CPU has no graphs, and its tests run the eager
+    ``pipelined_query``.
 
     The eager pipelined step is bound by the host: it launches each layer's kernels from Python
     while the copies wait. Here only the copies stay outside the graph (the packets, and so their
