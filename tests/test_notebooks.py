@@ -106,3 +106,15 @@ def test_unknown_parameter_name_is_refused(tmp_path):
         execute("03_evaluate", {"N_SAMPLE": 2}, tmp_path)
     assert info.value.ename == "ConfigError" and "unknown parameter N_SAMPLE" in info.value.evalue
     assert not (tmp_path / "out").exists()
+
+
+def test_notebook_03_evaluates_kv_packet_with_every_wrapper_seed(tmp_path):
+    """EXTRA_ADAPTER_SEEDS: one kv_packet setting per shipped wrapper seed, the baselines once."""
+    out_dir, _ = execute("03_evaluate", {
+        "DATASET": "niah", "N_SAMPLES": 2, "CONTEXT_TOKENS": 384, "CHUNK_CHARS": 600,
+        "MAX_NEW_TOKENS": 4, "METHODS": ["full_recompute", "no_recompute", "kv_packet"],
+        "EXTRA_ADAPTER_SEEDS": [1, 2]}, tmp_path)
+    table = read_run_results(out_dir).table
+    packet = table[table.method == "kv_packet"]
+    assert sorted(packet.setting) == ["seed0", "seed1", "seed2"] and set(packet.n) == {2}
+    assert packet.agree_f1.notna().all() and len(table[table.method != "kv_packet"]) == 2
