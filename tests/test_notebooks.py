@@ -118,3 +118,4 @@ def test_notebook_03_evaluates_kv_packet_with_every_wrapper_seed(tmp_path):
     packet = table[table.method == "kv_packet"]
     assert sorted(packet.setting) == ["seed0", "seed1", "seed2"] and set(packet.n) == {2}
     assert packet.agree_f1.notna().all() and len(table[table.method != "kv_packet"]) == 2
+    assert not list(out_dir.glob("resume*"))  # the checkpoints of a finished run are removed

@@ -23,8 +23,8 @@ from kvp.methods import METHODS
 from kvp.params import ConfigError
 from kvp.pipeline import load_profile, parse_profile, validate
 from kvp.results import (
-    DONE_FILE, RESULT_COLUMNS, SOURCE_COLUMNS, collect_summary, read_run_results, write_json,
-    write_run_results,
+    DONE_FILE, RESULT_COLUMNS, SOURCE_COLUMNS, collect_summary, read_run_results, resume_path,
+    write_json, write_run_results,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,6 +269,17 @@ def test_jobs_run_cells_side_by_side_each_with_its_own_kernel(tmp_path):
     assert starts[1] - starts[0] < min(d["wall_s"] for d in done)  # the second began before the first ended
     summary = pd.read_csv(tmp_path / "tiny" / "summary.csv")
     assert sorted(summary["dataset"].unique()) == ["biography", "niah"] and len(summary) == 4
+
+
+@pytest.mark.notebook
+def test_an_unfinished_run_keeps_its_checkpoints_unless_forced(tmp_path):
+    run = load_profile("tiny", FIXTURES).runs(tmp_path)[0]
+    checkpoint = resume_path(run.out_dir)
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"rows of an interrupted evaluation")
+    assert pipeline.execute_run(run, FIXTURES).status == "done" and checkpoint.exists()
+    assert pipeline.execute_run(run, FIXTURES, force=True).status == "done"
+    assert not checkpoint.exists()
 
 
 # ------------------------------------------------------------------ errors caught before running

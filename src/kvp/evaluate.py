@@ -30,7 +30,7 @@ from kvp.metrics import agreement_f1, bootstrap_ci, f1_micro, token_f1
 from kvp.models import load_model
 from kvp.packet import PacketStore, PacketWrapper, check_length, tokenize_document
 from kvp.params import WRAPPER_SPECS, load_wrapper, method_grid
-from kvp.results import RESULTS_FILE, atomic_path, write_run_results
+from kvp.results import RESULTS_FILE, atomic_path, read_rows, write_rows, write_run_results
 
 
 class SampleError(RuntimeError):
@@ -86,7 +86,8 @@ def warn_on_transfer(wrapper: PacketWrapper | None, samples: list[Sample]) -> No
 
 def evaluate(model, tokenizer, samples: list[Sample], methods: list[Method],
              settings: EvalSettings, wrapper: PacketWrapper | None = None,
-             store: PacketStore | None = None) -> pd.DataFrame:
+             store: PacketStore | None = None, checkpoint: str | Path | None = None
+             ) -> pd.DataFrame:
     """One row per (sample, method): answer, gold answers, token F1 parts, TTFT, FLOPs, meta.
 
     With ``settings.warmup`` every method first runs once, untimed, on the first sample (a cold
@@ -97,6 +98,11 @@ def evaluate(model, tokenizer, samples: list[Sample], methods: list[Method],
     Under torchrun (:mod:`kvp.distributed`) each rank evaluates its shard of the samples (warming
     up on its own first one) and every rank returns the rows of all samples, in sample order: the
     rows of one process, timings aside.
+
+    With ``checkpoint`` (a ``.csv.gz`` path) the rows are saved there, atomically, after every
+    sample, and a later call with the same path takes from it every sample whose rows it holds for
+    all of ``methods`` instead of running it again: an interrupted evaluation resumes where it
+    stopped (the resumed rows keep the TTFTs their own process measured). One process only.
     """
     store = store or PacketStore(model, tokenizer, settings.model_name)
     if wrapper is not None:
@@ -104,7 +110,12 @@ def evaluate(model, tokenizer, samples: list[Sample], methods: list[Method],
     warn_on_transfer(wrapper, samples)
     rows, row_samples = [], []
     warmup_s = 0.0
-    mine = distributed.shard(len(samples))
+    if checkpoint is not None and distributed.world_size() > 1:
+        raise ValueError("checkpoint= resumes the evaluation of one process; under torchrun pass "
+                         "checkpoint=None")
+    resumed = resumed_rows(checkpoint, samples, methods)
+    finished = set(resumed.sample_id)
+    mine = [i for i in distributed.shard(len(samples)) if samples[i].id not in finished]
     bar = tqdm(total=len(mine) * len(methods), desc="evaluate",
                disable=not settings.progress or not distributed.is_main())
     for index in mine:
@@ -143,10 +154,35 @@ def evaluate(model, tokenizer, samples: list[Sample], methods: list[Method],
                 "context_tokens": result.context_tokens,
                 **{f"meta_{k}": v for k, v in sample.meta.items()},
             })
+        if checkpoint is not None:
+            write_rows(checkpoint, pd.concat([resumed, pd.DataFrame(rows)], ignore_index=True)
+                       if len(resumed) else pd.DataFrame(rows))
     bar.close()
     out = pd.DataFrame(distributed.gather_by_index(row_samples, rows))
+    if len(resumed):
+        order = {s.id: i for i, s in enumerate(samples)}
+        out = pd.concat([resumed, out], ignore_index=True).sort_values(
+            "sample_id", key=lambda ids: ids.map(order), kind="stable").reset_index(drop=True)
     out.attrs["warmup_s"] = warmup_s
     return out
+
+
+def resumed_rows(checkpoint: str | Path | None, samples: list[Sample],
+                 methods: list[Method]) -> pd.DataFrame:
+    """The rows of a :func:`evaluate` checkpoint for the samples it finished for every one of
+    ``methods`` (an empty frame without a file); rows of unfinished samples are dropped."""
+    rows = read_rows(checkpoint) if checkpoint is not None else None
+    if rows is None or not len(rows):
+        return pd.DataFrame(columns=["sample_id"])
+    rows["setting"] = rows["setting"].astype(str)
+    wanted = {(m.name, m.setting) for m in methods}
+    asked = pd.Series([pair in wanted for pair in zip(rows.method, rows.setting)], index=rows.index)
+    rows = rows[asked & rows.sample_id.isin({s.id for s in samples})]
+    if not len(rows):
+        return pd.DataFrame(columns=["sample_id"])
+    complete = rows.groupby("sample_id").apply(
+        lambda g: set(zip(g.method, g.setting)) == wanted, include_groups=False)
+    return rows[rows.sample_id.isin(complete[complete].index)].reset_index(drop=True)
 
 
 def fully_recalled(rows: pd.DataFrame) -> pd.Series:

@@ -64,7 +64,7 @@ from kvp import __version__
 from kvp.params import (REPO_ROOT, ConfigError, check_params, dataset_options,
                         method_grid, parameters_cell, repo_path, validate_params)
 from kvp.redraw import redraw
-from kvp.results import DONE_FILE, atomic_path, collect_summary, write_json
+from kvp.results import DONE_FILE, atomic_path, clear_resume, collect_summary, write_json
 
 NOTEBOOKS = (
     "01_attention_shift", "02_train_adapters", "03_evaluate", "04_attention_maps",
@@ -320,6 +320,8 @@ def execute_run(run: Run, notebook_dir: Path, force: bool = False) -> Outcome:
     if done.exists() and not force:
         return Outcome(run, "skipped")
     done.unlink(missing_ok=True)
+    if force:  # start over; otherwise an unfinished run resumes from its checkpoints
+        clear_resume(run.out_dir)
     run.out_dir.mkdir(parents=True, exist_ok=True)
     partial = run.out_dir / f"{run.notebook}.partial.ipynb"
     failed = run.out_dir / f"{run.notebook}.failed.ipynb"

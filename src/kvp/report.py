@@ -11,7 +11,6 @@ plot`` is :func:`main`; the recipes and the trained adapters are :mod:`kvp.adapt
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from kvp.models import load_model
 from kvp.packet import PacketStore
 from kvp.plots import (method_label, method_style, plot_fidelity_vs_size, save_fig,
                        save_loss_figure, set_theme)
-from kvp.results import atomic_path
+from kvp.results import atomic_path, read_rows, write_rows
 
 
 def sweep_table(root: Path, results: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -179,22 +178,6 @@ def fingerprints(rows: pd.DataFrame) -> pd.Series:
     if "wrapper_fingerprint" not in rows:
         return pd.Series("", index=rows.index, dtype=str)
     return rows["wrapper_fingerprint"].fillna("").astype(str)
-
-
-def read_rows(path: Path) -> pd.DataFrame | None:
-    """Per-sample rows written by :func:`evaluate_adapters` (``gold`` parsed back into lists), or
-    ``None`` when there is no file."""
-    if not path.exists():
-        return None
-    rows = pd.read_csv(path, keep_default_na=False,
-                       dtype={"answer": str, "raw_answer": str, "wrapper_fingerprint": str})
-    rows["gold"] = rows["gold"].map(ast.literal_eval)
-    return rows
-
-
-def write_rows(path: Path, rows: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        rows.to_csv(tmp, index=False, compression="gzip")
 
 
 def merge_rows(old: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:

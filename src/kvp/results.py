@@ -16,6 +16,7 @@ finished run of a profile into one table.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -161,3 +162,33 @@ def collect_summary(profile_dir: str | Path, run_ids: Iterable[str] | None = Non
     if not frames:
         return pd.DataFrame(columns=[*RESULT_COLUMNS, *SOURCE_COLUMNS])
     return pd.concat(frames, ignore_index=True)
+
+
+def read_rows(path: Path) -> pd.DataFrame | None:
+    """Per-sample rows written by :func:`write_rows` (``gold`` parsed back into lists), or
+    ``None`` when there is no file."""
+    if not Path(path).exists():
+        return None
+    rows = pd.read_csv(path, keep_default_na=False,
+                       dtype={"answer": str, "raw_answer": str, "wrapper_fingerprint": str})
+    rows["gold"] = rows["gold"].map(ast.literal_eval)
+    return rows
+
+
+def write_rows(path: Path, rows: pd.DataFrame) -> None:
+    """Per-sample rows (one per sample and method) as gzip-compressed CSV, written atomically."""
+    with atomic_path(path) as tmp:
+        rows.to_csv(tmp, index=False, compression="gzip")
+
+
+def resume_path(out_dir: str | Path, tag: str = "") -> Path:
+    """Where a notebook run keeps the checkpoint of one evaluation (``kvp.evaluate.evaluate``'s
+    ``checkpoint``) while it runs: ``<out_dir>/resume<tag>.csv.gz``."""
+    return Path(out_dir) / f"resume{tag}.csv.gz"
+
+
+def clear_resume(out_dir: str | Path) -> None:
+    """Delete every evaluation checkpoint of a run directory (:func:`resume_path`): the run has
+    finished, or is to start over."""
+    for path in Path(out_dir).glob("resume*.csv.gz"):
+        path.unlink()
