@@ -272,12 +272,11 @@ def test_jobs_run_cells_side_by_side_each_with_its_own_kernel(tmp_path):
 
 
 @pytest.mark.notebook
-def test_an_unfinished_run_keeps_its_checkpoints_unless_forced(tmp_path):
+def test_force_starts_an_unfinished_run_over_without_its_checkpoints(tmp_path):
     run = load_profile("tiny", FIXTURES).runs(tmp_path)[0]
     checkpoint = resume_path(run.out_dir)
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"rows of an interrupted evaluation")
-    assert pipeline.execute_run(run, FIXTURES).status == "done" and checkpoint.exists()
     assert pipeline.execute_run(run, FIXTURES, force=True).status == "done"
     assert not checkpoint.exists()
 
