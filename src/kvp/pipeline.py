@@ -64,7 +64,8 @@ from kvp import __version__
 from kvp.params import (REPO_ROOT, ConfigError, check_params, dataset_options,
                         method_grid, parameters_cell, repo_path, validate_params)
 from kvp.redraw import redraw
-from kvp.results import DONE_FILE, atomic_path, clear_resume, collect_summary, write_json
+from kvp.results import (DONE_FILE, atomic_path, clear_resume, collect_summary, machine,
+                         write_json)
 
 NOTEBOOKS = (
     "01_attention_shift", "02_train_adapters", "03_evaluate", "04_attention_maps",
@@ -343,7 +344,8 @@ def execute_run(run: Run, notebook_dir: Path, force: bool = False) -> Outcome:
     failed.unlink(missing_ok=True)
     log = _write_log(run, run.out_dir / f"{run.notebook}.ipynb", None)
     write_json(done, {"notebook": run.notebook, "run_id": run.run_id, "parameters": run.params,
-                      "started": started, "wall_s": round(wall_s, 3), "kvp_version": __version__})
+                      "started": started, "wall_s": round(wall_s, 3), "kvp_version": __version__,
+                      **machine()})
     return Outcome(run, "done", wall_s, log)
 
 

@@ -20,6 +20,8 @@ import ast
 import json
 import math
 import os
+import platform
+import subprocess
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -192,3 +194,25 @@ def clear_resume(out_dir: str | Path) -> None:
     finished, or is to start over."""
     for path in Path(out_dir).glob("resume*.csv.gz"):
         path.unlink()
+
+
+def git_commit() -> str:
+    """HEAD of the checkout, or ``KVP_GIT_COMMIT`` for a copy without ``.git`` (e.g. a GPU box)."""
+    if os.environ.get("KVP_GIT_COMMIT"):
+        return os.environ["KVP_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict[str, str]:
+    """Where a run executed: the accelerator (or CPU and thread count), library versions, commit."""
+    import torch
+    import transformers
+
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else
+              f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    return {"device": device, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "git_commit": git_commit()}

@@ -53,7 +53,8 @@ from kvp.methods import get_method
 from kvp.models import load_model
 from kvp.packet import PacketStore, PacketWrapper
 from kvp.results import atomic_path
-from kvp.train import TrainConfig, git_commit, teacher_examples, train, training_samples
+from kvp.results import git_commit
+from kvp.train import TrainConfig, teacher_examples, train, training_samples
 
 TIMING = ["ttft_ms", "preamble_ms"]  # wall-clock columns of evaluation rows
 METHODS = ("full_recompute", "no_recompute", "kv_packet")

@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -45,7 +44,7 @@ from kvp.data.prompts import build_segments, dataset_of, generation_config, segm
 from kvp.generate import greedy_decode, prefill
 from kvp.models import load_model
 from kvp.packet import PacketWrapper
-from kvp.results import atomic_path
+from kvp.results import atomic_path, git_commit
 from transformers import DynamicCache
 
 
@@ -309,17 +308,6 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 def save_checkpoint(path: Path, state: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-
-
-def git_commit() -> str:
-    """HEAD of the checkout, or ``KVP_GIT_COMMIT`` for a copy without ``.git`` (e.g. a GPU box)."""
-    if os.environ.get("KVP_GIT_COMMIT"):
-        return os.environ["KVP_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # --------------------------------------------------------------------------- loop
