@@ -15,6 +15,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
+import torch
 import pytest
 import yaml
 
@@ -267,6 +268,8 @@ def test_jobs_run_cells_side_by_side_each_with_its_own_kernel(tmp_path):
     assert len(done) == 2
     starts = sorted(pd.Timestamp(d["started"]).timestamp() for d in done)
     assert starts[1] - starts[0] < min(d["wall_s"] for d in done)  # the second began before the first ended
+    assert all(d["torch"] == torch.__version__ and d["device"] and d["git_commit"]
+               for d in done)  # each run names the machine it ran on
     summary = pd.read_csv(tmp_path / "tiny" / "summary.csv")
     assert sorted(summary["dataset"].unique()) == ["biography", "niah"] and len(summary) == 4
 
