@@ -15,8 +15,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
-import torch
 import pytest
+import torch
 import yaml
 
 from kvp import pipeline
