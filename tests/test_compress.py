@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 import torch
 from kvpress import AdaKVPress, KeyRerotationPress, KnormPress, StreamingLLMPress
 from kvpress.utils import compute_n_kept
 
 from kvp.compress import (PRESSES, CompressedStore, JointCompressed, OnStore, ProtectedPress,
-                          compress_packet, compress_packets, compression_runs, make_press,
-                          min_tokens,
-                          press_summary)
+                          compress_packet, compress_packets, compression_runs, grid_tag,
+                          make_press, min_tokens, press_summary)
 from kvp.data import Sample
 from kvp.data.prompts import build_segments, segment_ids
 from kvp.evaluate import EvalSettings, evaluate
 from kvp.generate import GenerationConfig
 from kvp.methods import get_method, make_context, run_method
 from kvp.packet import PacketStore, PacketWrapper, assemble, build_packet, tokenize_document
+from kvp.results import read_rows, resume_path
 
 DOCS = [
     "Marie Dubois was born on 4 May 1987 in Lyon. She studied chemistry at the University of "
@@ -214,6 +215,28 @@ def test_compression_sweep_table(smollm, wrapper):
             alone.raw_answer, alone.flops, alone.context_tokens)
     with pytest.raises(ValueError, match="packet_protected"):
         compression_runs(model, tok, samples, ["knorm"], [0.5], None, settings)
+
+
+def test_compression_runs_resume_from_their_checkpoint(smollm, wrapper, tmp_path, monkeypatch):
+    model, tok = smollm.model, smollm.tokenizer
+    samples = [Sample(f"s{i}", DOCS, q, [a], {"dataset": "jsonl"}) for i, (q, a) in
+               enumerate([("Where does Marie Dubois live?", "Oslo"), ("Who lives in Oslo?", "Marie")])]
+    settings = EvalSettings("smollm2-135m", max_new_tokens=2, progress=False)
+    grid = (["knorm", "snapkv"], [0.5], ["packet", "joint"])
+    tag = grid_tag(*grid)
+    assert tag == grid_tag(*grid) != grid_tag(["knorm"], [0.5], ["packet", "joint"])
+    path = resume_path(tmp_path, tag)
+    first = compression_runs(model, tok, samples, *grid[:2], wrapper, settings, grid[2],
+                             checkpoint=path)
+    assert read_rows(path).sample_id.nunique() == 2
+
+    def no_model_calls(*args, **kwargs):
+        raise AssertionError("a checkpointed sample was evaluated again")
+    monkeypatch.setattr("kvp.evaluate.run_methods", no_model_calls)
+    again = compression_runs(model, tok, samples, *grid[:2], wrapper, settings, grid[2],
+                             checkpoint=path)
+    columns = ["sample_id", "press", "ratio", "variant", "setting", "raw_answer", "kv_tokens"]
+    pd.testing.assert_frame_equal(again[columns], first[columns])
 
 
 def test_one_prefill_gives_every_press_the_packet_of_its_own_prefill(smollm, wrapper):

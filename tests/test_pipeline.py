@@ -24,8 +24,8 @@ from kvp.methods import METHODS
 from kvp.params import ConfigError
 from kvp.pipeline import load_profile, parse_profile, validate
 from kvp.results import (
-    DONE_FILE, RESULT_COLUMNS, SOURCE_COLUMNS, collect_summary, read_run_results, resume_path,
-    write_json, write_run_results,
+    DONE_FILE, RESULT_COLUMNS, SOURCE_COLUMNS, collect_summary, read_run_results, read_table,
+    resume_path, write_json, write_run_results,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,6 +205,40 @@ def test_run_results_round_trip_and_summary(tmp_path):
         write_run_results(tmp_path / "run_b", [{"model": "m", "dataset": "d"}], {})
 
 
+def test_export_compresses_tables_and_keeps_only_checkpoints_of_unfinished_runs(tmp_path, capsys):
+    runs = tmp_path / "results" / "paper"
+    done, running = runs / "03_evaluate__m__a", runs / "03_evaluate__m__b"
+    write_run_results(done, [{"model": "m", "dataset": "niah", "method": "kv_packet", "n": 3}],
+                      {"MODEL": "m"}, {"n_samples": 3})
+    write_json(done / DONE_FILE, {"notebook": "03_evaluate", "device": "cpu"})
+    samples = pd.DataFrame({"sample_id": ["s0", "s1"], "score": [0.123456789, 2.5]})
+    samples.to_csv(done / "samples.csv", index=False)
+    (done / "03_evaluate.ipynb").write_text("{}")
+    running.mkdir()
+    (running / "03_evaluate.partial.ipynb").write_text("{}")
+    pd.DataFrame({"sample_id": ["s0"]}).to_csv(resume_path(running), index=False)
+    dest = tmp_path / "data" / "paper_run"
+    write_json(dest / done.name / "resume.csv.gz", {})  # left by an export made while it ran
+    assert pipeline.main(["--export", str(runs), "--to", str(dest)]) == 0
+    assert "exported 1 finished runs and the checkpoints of 1 unfinished" in capsys.readouterr().out
+    assert sorted(p.name for p in (dest / done.name).iterdir()) == sorted(
+        [DONE_FILE, "config.json", "metrics.json", "results.csv", "samples.csv.gz"])
+    pd.testing.assert_frame_equal(read_table(dest / done.name, "samples"), samples)
+    first = (dest / done.name / "samples.csv.gz").read_bytes()
+    os.utime(done / "samples.csv", (0, 12345))
+    assert pipeline.main(["--export", str(runs), "--to", str(dest)]) == 0
+    assert (dest / done.name / "samples.csv.gz").read_bytes() == first  # no churn in git
+    capsys.readouterr()
+    assert [p.name for p in (dest / running.name).iterdir()] == ["resume.csv.gz"]
+    summary = pd.read_csv(dest / "summary.csv")
+    assert summary["run_id"].tolist() == [done.name] and summary["n"].tolist() == [3]
+    assert not [p for p in dest.rglob("*") if ".tmp" in p.name]
+    assert pipeline.main(["--export", str(runs)]) == 2
+    assert "--export needs --to DIR" in capsys.readouterr().err
+    assert pipeline.main(["--export", str(tmp_path / "nope"), "--to", str(dest)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------- end-to-end matrix
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
@@ -347,6 +381,23 @@ def test_redraw_draws_the_figures_of_a_finished_run_again(tmp_path, capsys):
         again, first = (plt.imread(tmp_path / d / name) for d in ("again", "drawn"))
         assert again.shape == first.shape, name  # pixels differ where a value round-tripped
         assert (abs(again - first) > 0.02).mean() < 0.002, name  # through a CSV in float32
+
+
+def test_the_committed_paper_run_redraws_on_cpu(tmp_path, capsys):
+    run = ROOT / "data" / "paper_run"
+    finished = sorted(p.parent.name for p in run.glob(f"*/{DONE_FILE}"))
+    assert finished, "data/paper_run holds no finished run"
+    assert pipeline.main(["--redraw", str(run), "--fig-dir", str(tmp_path)]) == 0
+    drawn = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert f"{len(drawn)} figures re-drawn" in capsys.readouterr().out
+    for run_id in finished:  # every finished run of a drawing notebook left its figure
+        notebook, model = run_id.split("__")[:2]
+        if notebook in ("01_attention_shift", "04_attention_maps"):
+            base = "attention_shift" if notebook.startswith("01") else "fig5_segment_scores"
+            assert any(n.startswith(base) and (model == "smollm2-135m" or model in n)
+                       for n in drawn), (run_id, drawn)
+    summary = pd.read_csv(run / "summary.csv")
+    assert set(summary.run_id) <= set(finished)
 
 
 def test_redraw_of_a_directory_without_runs_names_it(tmp_path, capsys):

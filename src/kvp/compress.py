@@ -35,9 +35,12 @@ pass-through for models that use no head-wise masking (kvpress's own import-time
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -292,8 +295,12 @@ class CompressedStore(PacketStore):
             self._memory.popitem(last=False)
 
     def kv_length(self, document: str, wrapper: PacketWrapper | None = None) -> int:
-        """Tokens kept in the document's packet (built by an earlier ``get``)."""
-        return self.kv_lengths[self.key(document, wrapper)]
+        """Tokens kept in the document's packet; built now (with its siblings') when no ``get``
+        built it, as for a sample resumed from a checkpoint."""
+        key = self.key(document, wrapper)
+        if key not in self.kv_lengths:
+            self.get(document, wrapper)
+        return self.kv_lengths[key]
 
 
 @dataclass
@@ -356,7 +363,8 @@ PressFactory = Callable[[float], BasePress]
 def compression_runs(model, tokenizer, samples: Sequence[Sample],
                      presses: Mapping[str, PressFactory] | Sequence[str], ratios: Sequence[float],
                      wrapper: PacketWrapper | None, settings: EvalSettings,
-                     variants: Sequence[str] = VARIANTS, allow_short: bool = False) -> pd.DataFrame:
+                     variants: Sequence[str] = VARIANTS, allow_short: bool = False,
+                     checkpoint: str | Path | None = None) -> pd.DataFrame:
     """One row per (press, ratio, variant, sample): ``kvp.evaluate.evaluate``'s columns plus
     ``press``, ``ratio``, ``variant`` and ``kv_tokens`` (context KV pairs per layer and head cached
     before the prompt: preamble + compressed packets, or the joint compressed cache).
@@ -370,6 +378,10 @@ def compression_runs(model, tokenizer, samples: Sequence[Sample],
     keeps one sample's packets; the stores are siblings, so a document is prefilled once for all
     packet settings), so each sample's preamble is encoded once and the answers of all settings
     are decoded in batches. Rows are ordered by setting, then sample.
+
+    ``checkpoint``: as ``evaluate``'s, every sample's rows saved after it and taken back by a
+    later call; the settings' rows share a method name, so the file belongs to one grid: name it
+    with :func:`grid_tag` (``resume_path(OUT_DIR, grid_tag(...))``).
     """
     factories = (dict(presses) if isinstance(presses, Mapping)
                  else {name: (lambda r, n=name: make_press(n, r)) for name in presses})
@@ -404,7 +416,8 @@ def compression_runs(model, tokenizer, samples: Sequence[Sample],
     # Evaluated ratio by ratio and variant by variant: settings whose caches have one length sit
     # together, so their answers are decoded in one batch (kvp.methods.base.run_methods).
     order = sorted(range(len(grid)), key=lambda k: (grid[k][1], variants.index(grid[k][2])))
-    rows = evaluate(model, tokenizer, list(samples), [methods[k] for k in order], settings, wrapper)
+    rows = evaluate(model, tokenizer, list(samples), [methods[k] for k in order], settings, wrapper,
+                    checkpoint=checkpoint)
     frames = []
     for k, (label, ratio, variant, store) in enumerate(grid):
         if store is None:
@@ -418,6 +431,12 @@ def compression_runs(model, tokenizer, samples: Sequence[Sample],
                                   setting=f"{label},ratio={ratio},{variant}",
                                   kv_tokens=part.sample_id.map(kv_tokens)))
     return pd.concat(frames, ignore_index=True)
+
+
+def grid_tag(presses: Sequence[str], ratios: Sequence[float], variants: Sequence[str]) -> str:
+    """``"_<8 hex>"``, a fingerprint of one sweep's grid, for the name of its checkpoint."""
+    text = json.dumps([list(presses), [float(r) for r in ratios], list(variants)])
+    return "_" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def compression_sweep(model, tokenizer, samples: Sequence[Sample],

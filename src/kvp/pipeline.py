@@ -64,8 +64,8 @@ from kvp import __version__
 from kvp.params import (REPO_ROOT, ConfigError, check_params, dataset_options,
                         method_grid, parameters_cell, repo_path, validate_params)
 from kvp.redraw import redraw
-from kvp.results import (DONE_FILE, atomic_path, clear_resume, collect_summary, machine,
-                         write_json)
+from kvp.results import (DONE_FILE, atomic_path, clear_resume, collect_summary, export_runs,
+                         machine, write_json)
 
 NOTEBOOKS = (
     "01_attention_shift", "02_train_adapters", "03_evaluate", "04_attention_maps",
@@ -415,8 +415,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     job.add_argument("--redraw", type=Path, metavar="RUN_DIR",
                      help="re-draw the figures of a finished run (results/<profile>/ or a committed "
                           "copy such as data/paper_run/) from its tables: no notebook, no model")
+    job.add_argument("--export", type=Path, metavar="RUN_DIR",
+                     help="copy the tidy outputs of results/<profile>/ into --to (tables "
+                          "gzip-compressed, checkpoints of unfinished runs kept), e.g. to commit a "
+                          "GPU run as data/paper_run/")
     parser.add_argument("--fig-dir", type=Path, default=Path("figures"),
                         help="where --redraw writes the figures")
+    parser.add_argument("--to", type=Path, metavar="DIR", help="where --export copies the run")
     parser.add_argument("--only", action="append", metavar="NOTEBOOK",
                         help="run only this notebook of the profile (repeatable)")
     parser.add_argument("--match", action="append", metavar="NAME=VALUE", default=[],
@@ -466,6 +471,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         print(f"{len(figures)} figures re-drawn from {args.redraw} into {args.fig_dir}")
+        return 0
+    if args.export is not None:
+        if args.to is None:
+            print("error: --export needs --to DIR, e.g. --export results/paper --to data/paper_run",
+                  file=sys.stderr)
+            return 2
+        try:
+            states = export_runs(args.export, args.to)
+        except FileNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"exported {len(states['finished'])} finished runs and the checkpoints of "
+              f"{len(states['checkpointed'])} unfinished ones from {args.export} into {args.to}")
         return 0
     t0 = time.perf_counter()
     try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import matplotlib.colors as mcolors
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ from matplotlib.ticker import FuncFormatter, NullLocator
 from kvp.attention import plain_view
 from kvp.bench import crossover_tokens, dtype_name, tier_lines, with_tiers
 from kvp.blockmask import Layout
-from kvp.results import atomic_path
+from kvp.results import atomic_path, machine
 
 DPI = 150
 
@@ -80,14 +81,30 @@ def method_order(methods: Iterable[str]) -> list[str]:
     return known + [m for m in present if m not in METHOD_STYLE]
 
 
-def save_fig(fig: plt.Figure, name: str, fig_dir: str | Path = "figures") -> tuple[Path, Path]:
-    """Save ``fig`` as ``<fig_dir>/<name>.png`` (``DPI`` dpi) and a vector ``.pdf`` twin.
+def run_caption(model: str, out_dir: str | Path, run: dict | None = None) -> str:
+    """``"<model> · <device> · kvp <commit> · <run id>"``, the foot line of a run's figures.
+
+    ``run``: the run's ``DONE.json`` (what re-drawing reads); ``None`` takes the device and commit
+    of this process (:func:`kvp.results.machine`, what the pipeline will write there).
+    """
+    facts = machine() if run is None else run
+    commit = str(facts.get("git_commit") or "")[:7]
+    return " · ".join(v for v in (model, facts.get("device"), commit and f"kvp {commit}",
+                                  Path(out_dir).name) if v)
+
+
+def save_fig(fig: plt.Figure, name: str, fig_dir: str | Path = "figures",
+             caption: str | None = None) -> tuple[Path, Path]:
+    """Save ``fig`` as ``<fig_dir>/<name>.png`` (``DPI`` dpi) and a vector ``.pdf`` twin, with
+    ``caption`` (e.g. :func:`run_caption`) in small grey type below it.
 
     Both files are written atomically. Returns the (png, pdf) paths.
     """
     if Path(name).suffix in {".png", ".pdf"}:
         raise ValueError(f"save_fig name {name!r} has an extension; pass the bare name, e.g. "
                          f"{Path(name).stem!r}: both .png and .pdf are written")
+    if caption:
+        fig.text(0.003, -0.01, caption, fontsize=7, color="0.45", ha="left", va="top")
     paths = Path(fig_dir) / f"{name}.png", Path(fig_dir) / f"{name}.pdf"
     for path in paths:
         # No /CreationDate: an unchanged figure is the same file, so a re-run leaves git clean.
@@ -429,7 +446,9 @@ def plot_segment_scores(scores: pd.DataFrame, n_samples: int | None = None) -> p
         offsets[seg] = x0
         x0 += int(widths[seg]) + 2
     n_layers = int(scores["layer"].max()) + 1
-    lo, hi = np.nanpercentile(scores["score"], [2, 98])
+    # Symmetric-log colours: on some models the first layers' scores are ~100x the others'.
+    lo, hi = np.nanpercentile(scores["score"], [0.5, 99.5])
+    norm = mcolors.SymLogNorm(linthresh=1.0, vmin=lo, vmax=hi)
     fig, axes = plt.subplots(1, len(methods) + 1, figsize=(5.4 * (len(methods) + 1), 5.2),
                              gridspec_kw={"width_ratios": [1.3] * len(methods) + [1]},
                              layout="constrained")
@@ -438,14 +457,14 @@ def plot_segment_scores(scores: pd.DataFrame, n_samples: int | None = None) -> p
         part = scores[scores["method"] == method]
         cols = part["segment"].map(offsets) + part["position_bin"]
         grid[part["layer"].to_numpy(), cols.to_numpy()] = part["score"].to_numpy()
-        shown = ax.imshow(grid, aspect="auto", cmap=with_missing("viridis"), vmin=lo, vmax=hi,
+        shown = ax.imshow(grid, aspect="auto", cmap=with_missing("viridis"), norm=norm,
                           interpolation="nearest", origin="lower")
         ax.grid(False)
         ax.set_xticks([offsets[s] + widths[s] / 2 - 0.5 for s in segments], segments,
                       rotation=30, fontsize=8)
         ax.set(ylabel="layer", title=method_label(method))
     fig.colorbar(shown, ax=axes[len(methods) - 1], fraction=0.06, pad=0.02,
-                 label="q·k/√d (mean of heads, prompt tokens, samples)")
+                 label="q·k/√d, mean of heads, tokens, samples (symlog)")
     means = scores.groupby(["method", "segment", "layer"])["score"].mean()
     for method in methods:
         for seg in segments:
@@ -454,7 +473,8 @@ def plot_segment_scores(scores: pd.DataFrame, n_samples: int | None = None) -> p
                 axes[-1].plot(line.index, line, color=SEGMENT_COLORS[seg],
                               ls="-" if method == methods[-1] else "--",
                               label=f"{seg} · {method_label(method)}")
-    axes[-1].set(xlabel="layer", ylabel="mean q·k/√d", title="mean per segment")
+    axes[-1].set(xlabel="layer", ylabel="mean q·k/√d (symmetric log)", title="mean per segment")
+    axes[-1].set_yscale("symlog", linthresh=1.0)
     axes[-1].legend(frameon=False, fontsize=7)
     if n_samples is not None:
         fig.suptitle(f"Pre-softmax scores per segment, mean over N = {n_samples} samples", fontsize=12)

@@ -32,11 +32,16 @@ from kvp.params import repo_path
 from kvp.results import DONE_FILE, RunResults, read_json, read_run_results, read_table
 
 
-def _save(fig: plt.Figure, base: str, config: dict, fig_dir: Path, dataset: bool = True) -> Path:
+def _save(fig: plt.Figure, base: str, run_dir: Path, config: dict, fig_dir: Path,
+          dataset: bool = True, caption: bool = True) -> Path:
+    """Save ``fig`` under its :func:`kvp.plots.figure_name`, with the caption its notebook gave it
+    (:func:`kvp.plots.run_caption` of the run's ``DONE.json``)."""
     parts = {"model": config["MODEL"], "seed": config["SEED"]}
     if dataset:
         parts["dataset"] = config["DATASET"]
-    png, _ = plots.save_fig(fig, plots.figure_name(base, **parts), fig_dir)
+    done = read_json(run_dir / DONE_FILE)
+    text = plots.run_caption(config["MODEL"], run_dir, done) if caption else None
+    png, _ = plots.save_fig(fig, plots.figure_name(base, **parts), fig_dir, caption=text)
     plt.close(fig)
     return png
 
@@ -45,7 +50,7 @@ def attention_shift(run_dir: Path, run: RunResults, fig_dir: Path) -> list[Path]
     tables = [read_table(run_dir, name) for name in ("kv_deviation", "attention_mass",
                                                      "document_spread")]
     fig = plots.plot_attention_shift(*tables, run.table)
-    return [_save(fig, "attention_shift", run.config, fig_dir)]
+    return [_save(fig, "attention_shift", run_dir, run.config, fig_dir)]
 
 
 def main_results(run_dir: Path, run: RunResults, fig_dir: Path) -> list[Path]:
@@ -58,29 +63,32 @@ def main_results(run_dir: Path, run: RunResults, fig_dir: Path) -> list[Path]:
         reference = reference if len(reference) else None
     title = f"{config['MODEL']} · {config['DATASET']} · n={run.metrics['n_samples']}"
     fig = plots.plot_main_results(run.table, reference, title=title)
-    return [_save(fig, "fig3_main_results", config, fig_dir)]
+    return [_save(fig, "fig3_main_results", run_dir, config, fig_dir)]
 
 
 def segment_scores(run_dir: Path, run: RunResults, fig_dir: Path) -> list[Path]:
     scores = read_table(run_dir, "segment_scores")
     mean = scores.groupby(["method", "layer", "segment", "position_bin"], as_index=False)["score"].mean()
     fig = plots.plot_segment_scores(mean, n_samples=int(run.table["n"].max()))
-    return [_save(fig, "fig5_segment_scores", run.config, fig_dir)]
+    return [_save(fig, "fig5_segment_scores", run_dir, run.config, fig_dir)]
 
 
 def compression(run_dir: Path, run: RunResults, fig_dir: Path) -> list[Path]:
     swept = run.table["press"].notna()
     fig = plots.plot_compression(run.table[swept], run.table[~swept])
-    return [_save(fig, "fig4_compression", run.config, fig_dir)]
+    return [_save(fig, "fig4_compression", run_dir, run.config, fig_dir)]
 
 
 def latency(run_dir: Path, run: RunResults, fig_dir: Path) -> list[Path]:
     bench = run.table
-    paths = [_save(plots.plot_latency_grid(bench), "latency", run.config, fig_dir, dataset=False)]
+    # No run caption: the benchmark CSVs name their own card, not the notebook's machine.
+    paths = [_save(plots.plot_latency_grid(bench), "latency", run_dir, run.config, fig_dir,
+                   dataset=False, caption=False)]
     tiered = tiered_run(bench)
     if tiered is not None:
         fig = plots.plot_tier_latency(tiered)
-        paths.append(_save(fig, "latency_tiers", run.config, fig_dir, dataset=False))
+        paths.append(_save(fig, "latency_tiers", run_dir, run.config, fig_dir, dataset=False,
+                           caption=False))
     return paths
 
 

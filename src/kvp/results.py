@@ -17,10 +17,12 @@ finished run of a profile into one table.
 from __future__ import annotations
 
 import ast
+import gzip
 import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -194,6 +196,55 @@ def clear_resume(out_dir: str | Path) -> None:
     finished, or is to start over."""
     for path in Path(out_dir).glob("resume*.csv.gz"):
         path.unlink()
+
+
+KEPT_PLAIN = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE, DONE_FILE, "run.log")
+
+
+def export_runs(profile_dir: str | Path, dest: str | Path) -> dict[str, list[str]]:
+    """Copy the tidy outputs of a profile's runs into ``dest`` (e.g. ``data/paper_run/``).
+
+    Finished runs (``DONE.json``) keep their small files as they are (:data:`KEPT_PLAIN`) and
+    every other table gzip-compressed (``samples.csv`` → ``samples.csv.gz``), which
+    :func:`read_table` and the re-drawing read; executed notebooks are left out. Unfinished runs
+    keep only their evaluation checkpoints (:func:`resume_path`): copied back under
+    ``results/<profile>/``, the pipeline resumes them where they stopped. ``dest/summary.csv`` is
+    re-collected over every finished run in ``dest``. Returns the run ids by state
+    (``{"finished": [...], "checkpointed": [...]}``).
+    """
+    profile_dir, dest = Path(profile_dir), Path(dest)
+    if not profile_dir.is_dir():
+        raise FileNotFoundError(f"{profile_dir} is not a directory; pass what the pipeline wrote, "
+                                "e.g. results/paper")
+    states: dict[str, list[str]] = {"finished": [], "checkpointed": []}
+    for run_dir in sorted(p for p in profile_dir.iterdir() if p.is_dir()):
+        if (run_dir / DONE_FILE).exists():
+            files = [p for p in run_dir.iterdir() if p.name in KEPT_PLAIN or p.suffix == ".csv"
+                     or p.name.endswith(".csv.gz")]
+            state = "finished"
+        else:
+            files = sorted(run_dir.glob("resume*.csv.gz"))
+            state = "checkpointed"
+        if not files:
+            continue
+        target = dest / run_dir.name
+        target.mkdir(parents=True, exist_ok=True)
+        if state == "finished":
+            clear_resume(target)  # checkpoints of an earlier, unfinished export
+        for src in files:
+            compress = src.suffix == ".csv" and src.name not in KEPT_PLAIN
+            out = target / (src.name + ".gz" if compress else src.name)
+            with atomic_path(out) as tmp:
+                if compress:  # no name or time in the header: the same table, the same bytes
+                    with (open(src, "rb") as f, open(tmp, "wb") as raw,
+                          gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as g):
+                        shutil.copyfileobj(f, g)
+                else:
+                    shutil.copyfile(src, tmp)
+        states[state].append(run_dir.name)
+    with atomic_path(dest / "summary.csv") as tmp:
+        collect_summary(dest).to_csv(tmp, index=False)
+    return states
 
 
 def git_commit() -> str:
