@@ -35,11 +35,13 @@ models-extra: setup
 reproduce: setup
 	$(BIN)/python -m kvp.pipeline --profile quick
 
-# The paper's sample sizes on the three embedded models (GPU machine, `make models-extra` first;
-# configs/paper.yaml). The paper's own models: python -m kvp.pipeline --profile hub.
+# The paper's sample sizes on the three embedded models (GPU machine; configs/paper.yaml). It
+# continues the committed run data/paper_run: finished runs are skipped, unfinished ones resume
+# from their checkpoints. Then `python -m kvp.pipeline --export results/paper --to
+# data/paper_run` commits the progress. The paper's own models: python -m kvp.pipeline --profile hub.
 JOBS ?= 4
 paper: models-extra
-	$(BIN)/python -m kvp.pipeline --profile paper --jobs $(JOBS)
+	$(BIN)/python -m kvp.pipeline --profile paper --jobs $(JOBS) --continue-from data/paper_run
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -25,7 +25,7 @@ from kvp.params import ConfigError
 from kvp.pipeline import load_profile, parse_profile, validate
 from kvp.results import (
     DONE_FILE, RESULT_COLUMNS, SOURCE_COLUMNS, collect_summary, read_run_results, read_table,
-    resume_path, write_json, write_run_results,
+    restore_runs, resume_path, write_json, write_run_results,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,6 +275,35 @@ def test_killed_pipeline_resumes_and_skips_finished_cells(tmp_path):
     assert sorted(summary["dataset"].unique()) == ["biography", "niah"] and len(summary) == 4
     report = json.loads((profile_dir / "pipeline.json").read_text())
     assert (report["done"], report["skipped"], report["failed"]) == (1, 1, 0) and report["wall_s"] > 0
+
+
+def test_restore_copies_missing_files_and_keeps_existing_ones(tmp_path):
+    src, profile_dir = tmp_path / "paper_run", tmp_path / "results" / "paper"
+    write_json(src / "run_a" / DONE_FILE, {"notebook": "03_evaluate"})
+    (src / "run_b").mkdir()
+    (src / "run_b" / "resume.csv.gz").write_bytes(b"old")
+    (src / "summary.csv").write_text("not a run\n")
+    (profile_dir / "run_b").mkdir(parents=True)
+    (profile_dir / "run_b" / "resume.csv.gz").write_bytes(b"newer")  # progress made here
+    assert restore_runs(src, profile_dir) == ["run_a", "run_b"]
+    assert (profile_dir / "run_a" / DONE_FILE).read_text() == (src / "run_a" / DONE_FILE).read_text()
+    assert (profile_dir / "run_b" / "resume.csv.gz").read_bytes() == b"newer"
+    assert not (profile_dir / "summary.csv").exists()
+    with pytest.raises(FileNotFoundError, match="holds no run directory"):
+        restore_runs(tmp_path / "nothing", profile_dir)
+
+
+@pytest.mark.notebook
+def test_continue_from_an_exported_run_skips_its_finished_runs(tmp_path):
+    first = subprocess.run(cli("tiny", tmp_path / "a"), cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert pipeline.main(["--export", str(tmp_path / "a" / "tiny"), "--to", str(tmp_path / "run")]) == 0
+    again = subprocess.run(cli("tiny", tmp_path / "b", "--continue-from", str(tmp_path / "run")),
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "continuing 2 runs" in again.stdout and "2 runs: 2 ok (2 skipped)" in again.stdout
+    assert len(pd.read_csv(tmp_path / "b" / "tiny" / "summary.csv")) == 4
 
 
 @pytest.mark.notebook

@@ -65,7 +65,7 @@ from kvp.params import (REPO_ROOT, ConfigError, check_params, dataset_options,
                         method_grid, parameters_cell, repo_path, validate_params)
 from kvp.redraw import redraw
 from kvp.results import (DONE_FILE, atomic_path, clear_resume, collect_summary, export_runs,
-                         machine, write_json)
+                         machine, restore_runs, write_json)
 
 NOTEBOOKS = (
     "01_attention_shift", "02_train_adapters", "03_evaluate", "04_attention_maps",
@@ -422,6 +422,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fig-dir", type=Path, default=Path("figures"),
                         help="where --redraw writes the figures")
     parser.add_argument("--to", type=Path, metavar="DIR", help="where --export copies the run")
+    parser.add_argument("--continue-from", type=Path, metavar="RUN_DIR",
+                        help="with --profile: first copy an exported run (e.g. data/paper_run) into "
+                             "results/<profile>/, keeping files already there, so its finished runs "
+                             "are skipped and its unfinished ones resume")
     parser.add_argument("--only", action="append", metavar="NOTEBOOK",
                         help="run only this notebook of the profile (repeatable)")
     parser.add_argument("--match", action="append", metavar="NAME=VALUE", default=[],
@@ -502,6 +506,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{state:>4}  {run.run_id}")
         print(f"{len(runs)} runs in profile {profile.name}")
         return 0
+    if args.continue_from is not None:
+        try:
+            restored = restore_runs(args.continue_from, args.results_dir / profile.name)
+        except FileNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"continuing {len(restored)} runs of {args.continue_from}")
     outcomes = run_matrix(runs, args.notebook_dir, args.force, args.jobs)
     profile_dir = args.results_dir / profile.name
     write_report(profile_dir, profile, all_runs, outcomes, time.perf_counter() - t0)

@@ -247,6 +247,24 @@ def export_runs(profile_dir: str | Path, dest: str | Path) -> dict[str, list[str
     return states
 
 
+def restore_runs(src: str | Path, profile_dir: str | Path) -> list[str]:
+    """Copy the run directories of an exported run (:func:`export_runs`) back under
+    ``profile_dir``, file by file, keeping every file already there: the pipeline then skips the
+    finished runs and resumes the unfinished ones from their checkpoints. Returns the run ids."""
+    src, profile_dir = Path(src), Path(profile_dir)
+    runs = sorted(p for p in src.iterdir() if p.is_dir()) if src.is_dir() else []
+    if not runs:
+        raise FileNotFoundError(f"{src} holds no run directory; pass an exported run, e.g. "
+                                "data/paper_run")
+    for run in runs:
+        for path in run.iterdir():
+            target = profile_dir / run.name / path.name
+            if path.is_file() and not target.exists():
+                with atomic_path(target) as tmp:
+                    shutil.copyfile(path, tmp)
+    return [run.name for run in runs]
+
+
 def git_commit() -> str:
     """HEAD of the checkout, or ``KVP_GIT_COMMIT`` for a copy without ``.git`` (e.g. a GPU box)."""
     if os.environ.get("KVP_GIT_COMMIT"):
