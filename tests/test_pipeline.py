@@ -293,17 +293,20 @@ def test_restore_copies_missing_files_and_keeps_existing_ones(tmp_path):
         restore_runs(tmp_path / "nothing", profile_dir)
 
 
-@pytest.mark.notebook
-def test_continue_from_an_exported_run_skips_its_finished_runs(tmp_path):
-    first = subprocess.run(cli("tiny", tmp_path / "a"), cwd=ROOT, capture_output=True, text=True,
-                           timeout=120)
-    assert first.returncode == 0, first.stderr
-    assert pipeline.main(["--export", str(tmp_path / "a" / "tiny"), "--to", str(tmp_path / "run")]) == 0
-    again = subprocess.run(cli("tiny", tmp_path / "b", "--continue-from", str(tmp_path / "run")),
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0, again.stderr
-    assert "continuing 2 runs" in again.stdout and "2 runs: 2 ok (2 skipped)" in again.stdout
-    assert len(pd.read_csv(tmp_path / "b" / "tiny" / "summary.csv")) == 4
+def test_continue_from_an_exported_run_skips_its_finished_runs(tmp_path, capsys):
+    exported = tmp_path / "run"
+    for run in load_profile("tiny", FIXTURES).runs(tmp_path / "elsewhere"):  # as a GPU box left them
+        row = {"model": "m", "dataset": "d", "method": "kv_packet"}
+        write_run_results(exported / run.run_id, [row], {"MODEL": "m"})
+        write_json(exported / run.run_id / DONE_FILE, {"notebook": run.notebook})
+    args = ["--profile", "tiny", "--config-dir", str(FIXTURES), "--notebook-dir", str(FIXTURES),
+            "--results-dir", str(tmp_path / "results"), "--continue-from", str(exported)]
+    assert pipeline.main(args) == 0  # nothing is executed: no kernel starts
+    out = capsys.readouterr().out
+    assert "continuing 2 runs" in out and "2 runs: 2 ok (2 skipped)" in out
+    assert len(pd.read_csv(tmp_path / "results" / "tiny" / "summary.csv")) == 2
+    assert pipeline.main([*args[:-1], str(tmp_path / "empty")]) == 2
+    assert "holds no run directory" in capsys.readouterr().err
 
 
 @pytest.mark.notebook
