@@ -11,8 +11,8 @@ from kvpress import AdaKVPress, KeyRerotationPress, KnormPress, StreamingLLMPres
 from kvpress.utils import compute_n_kept
 
 from kvp.compress import (PRESSES, CompressedStore, JointCompressed, OnStore, ProtectedPress,
-                          compress_packet, compress_packets, compression_runs, grid_tag,
-                          make_press, min_tokens, press_summary)
+                          compress_packet, compress_packets, compression_runs, make_press,
+                          min_tokens, press_summary)
 from kvp.data import Sample
 from kvp.data.prompts import build_segments, segment_ids
 from kvp.evaluate import EvalSettings, evaluate
@@ -223,9 +223,7 @@ def test_compression_runs_resume_from_their_checkpoint(smollm, wrapper, tmp_path
                enumerate([("Where does Marie Dubois live?", "Oslo"), ("Who lives in Oslo?", "Marie")])]
     settings = EvalSettings("smollm2-135m", max_new_tokens=2, progress=False)
     grid = (["knorm", "snapkv"], [0.5], ["packet", "joint"])
-    tag = grid_tag(*grid)
-    assert tag == grid_tag(*grid) != grid_tag(["knorm"], [0.5], ["packet", "joint"])
-    path = resume_path(tmp_path, tag)
+    path = resume_path(tmp_path)
     first = compression_runs(model, tok, samples, *grid[:2], wrapper, settings, grid[2],
                              checkpoint=path)
     assert read_rows(path).sample_id.nunique() == 2
@@ -237,6 +235,11 @@ def test_compression_runs_resume_from_their_checkpoint(smollm, wrapper, tmp_path
                              checkpoint=path)
     columns = ["sample_id", "press", "ratio", "variant", "setting", "raw_answer", "kv_tokens"]
     pd.testing.assert_frame_equal(again[columns], first[columns])
+    # each setting's rows are its own: a smaller grid takes them from the same file
+    knorm = compression_runs(model, tok, samples, ["knorm"], [0.5], wrapper, settings, grid[2],
+                             checkpoint=path)
+    pd.testing.assert_frame_equal(knorm[columns], first[first.press == "knorm"][columns]
+                                  .reset_index(drop=True))
 
 
 def test_one_prefill_gives_every_press_the_packet_of_its_own_prefill(smollm, wrapper):

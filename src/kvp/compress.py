@@ -35,8 +35,6 @@ pass-through for models that use no head-wise masking (kvpress's own import-time
 
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -306,10 +304,11 @@ class CompressedStore(PacketStore):
 @dataclass
 class OnStore(Method):
     """``method`` run on the packets of ``store`` (e.g. a ``CompressedStore``) instead of the
-    context's store; its name and setting are ``method``'s."""
+    context's store; its name is ``method``'s, its setting ``label`` (default: ``method``'s)."""
 
     method: Method
     store: PacketStore
+    label: str = ""
 
     @property
     def name(self) -> str:
@@ -317,7 +316,7 @@ class OnStore(Method):
 
     @property
     def setting(self) -> str:
-        return self.method.setting
+        return self.label or self.method.setting
 
     def prepare(self, ctx: QueryContext):
         return self.method.prepare(replace(ctx, store=self.store))
@@ -380,8 +379,8 @@ def compression_runs(model, tokenizer, samples: Sequence[Sample],
     are decoded in batches. Rows are ordered by setting, then sample.
 
     ``checkpoint``: as ``evaluate``'s, every sample's rows saved after it and taken back by a
-    later call; the settings' rows share a method name, so the file belongs to one grid: name it
-    with :func:`grid_tag` (``resume_path(OUT_DIR, grid_tag(...))``).
+    later call (each packet setting is labelled with its press, ratio and variant, so rows are
+    matched to their own setting).
     """
     factories = (dict(presses) if isinstance(presses, Mapping)
                  else {name: (lambda r, n=name: make_press(n, r)) for name in presses})
@@ -408,7 +407,7 @@ def compression_runs(model, tokenizer, samples: Sequence[Sample],
                                             protect_wrapper=variant == "packet_protected",
                                             allow_short=allow_short)
                     method = get_method("kv_packet" if wrapper is not None else "no_recompute")
-                    methods.append(OnStore(method, store))
+                    methods.append(OnStore(method, store, f"{label},ratio={ratio},{variant}"))
                 grid.append((label, ratio, variant, store))
     stores = [store for *_, store in grid if store is not None]
     for store in stores:
@@ -431,12 +430,6 @@ def compression_runs(model, tokenizer, samples: Sequence[Sample],
                                   setting=f"{label},ratio={ratio},{variant}",
                                   kv_tokens=part.sample_id.map(kv_tokens)))
     return pd.concat(frames, ignore_index=True)
-
-
-def grid_tag(presses: Sequence[str], ratios: Sequence[float], variants: Sequence[str]) -> str:
-    """``"_<8 hex>"``, a fingerprint of one sweep's grid, for the name of its checkpoint."""
-    text = json.dumps([list(presses), [float(r) for r in ratios], list(variants)])
-    return "_" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def compression_sweep(model, tokenizer, samples: Sequence[Sample],

@@ -465,6 +465,12 @@ def select(runs: Sequence[Run], profile: Profile, only: Sequence[str] | None,
     return chosen
 
 
+def usage_error(error: Exception | str) -> int:
+    """Print ``error: ...`` to stderr; the exit code of a refused command line (2)."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Validate the profile, run its matrix, write the report; 0 if every run succeeded."""
     args = parse_args(argv)
@@ -472,20 +478,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             figures = redraw(args.redraw, args.fig_dir)
         except FileNotFoundError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+            return usage_error(error)
         print(f"{len(figures)} figures re-drawn from {args.redraw} into {args.fig_dir}")
         return 0
     if args.export is not None:
         if args.to is None:
-            print("error: --export needs --to DIR, e.g. --export results/paper --to data/paper_run",
-                  file=sys.stderr)
-            return 2
+            return usage_error("--export needs --to DIR, e.g. --export results/paper --to "
+                               "data/paper_run")
         try:
             states = export_runs(args.export, args.to)
         except FileNotFoundError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+            return usage_error(error)
         print(f"exported {len(states['finished'])} finished runs and the checkpoints of "
               f"{len(states['checkpointed'])} unfinished ones from {args.export} into {args.to}")
         return 0
@@ -498,8 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--jobs {args.jobs}: give 1 or more runs at a time")
         validate(profile, runs, args.notebook_dir, need_files=not args.dry_run)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return usage_error(error)
     if args.dry_run:
         for run in runs:
             state = "done" if (run.out_dir / DONE_FILE).exists() and not args.force else "todo"
@@ -510,8 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             restored = restore_runs(args.continue_from, args.results_dir / profile.name)
         except FileNotFoundError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+            return usage_error(error)
         print(f"continuing {len(restored)} runs of {args.continue_from}")
     outcomes = run_matrix(runs, args.notebook_dir, args.force, args.jobs)
     profile_dir = args.results_dir / profile.name
