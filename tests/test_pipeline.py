@@ -214,6 +214,7 @@ def test_export_compresses_tables_and_keeps_only_checkpoints_of_unfinished_runs(
     samples = pd.DataFrame({"sample_id": ["s0", "s1"], "score": [0.123456789, 2.5]})
     samples.to_csv(done / "samples.csv", index=False)
     (done / "03_evaluate.ipynb").write_text("{}")
+    pd.DataFrame({"sample_id": ["s0"]}).to_csv(resume_path(done), index=False)  # a stale copy
     running.mkdir()
     (running / "03_evaluate.partial.ipynb").write_text("{}")
     pd.DataFrame({"sample_id": ["s0"]}).to_csv(resume_path(running), index=False)
@@ -285,7 +286,11 @@ def test_restore_copies_missing_files_and_keeps_existing_ones(tmp_path):
     (src / "summary.csv").write_text("not a run\n")
     (profile_dir / "run_b").mkdir(parents=True)
     (profile_dir / "run_b" / "resume.csv.gz").write_bytes(b"newer")  # progress made here
-    assert restore_runs(src, profile_dir) == ["run_a", "run_b"]
+    (src / "run_c").mkdir()
+    (src / "run_c" / "resume.csv.gz").write_bytes(b"old")
+    write_json(profile_dir / "run_c" / DONE_FILE, {"notebook": "03_evaluate"})  # finished here
+    assert restore_runs(src, profile_dir) == ["run_a", "run_b", "run_c"]
+    assert [p.name for p in (profile_dir / "run_c").iterdir()] == [DONE_FILE]
     assert (profile_dir / "run_a" / DONE_FILE).read_text() == (src / "run_a" / DONE_FILE).read_text()
     assert (profile_dir / "run_b" / "resume.csv.gz").read_bytes() == b"newer"
     assert not (profile_dir / "summary.csv").exists()

@@ -219,8 +219,8 @@ def export_runs(profile_dir: str | Path, dest: str | Path) -> dict[str, list[str
     states: dict[str, list[str]] = {"finished": [], "checkpointed": []}
     for run_dir in sorted(p for p in profile_dir.iterdir() if p.is_dir()):
         if (run_dir / DONE_FILE).exists():
-            files = [p for p in run_dir.iterdir() if p.name in KEPT_PLAIN or p.suffix == ".csv"
-                     or p.name.endswith(".csv.gz")]
+            files = [p for p in run_dir.iterdir() if not p.name.startswith("resume") and (
+                p.name in KEPT_PLAIN or p.suffix == ".csv" or p.name.endswith(".csv.gz"))]
             state = "finished"
         else:
             files = sorted(run_dir.glob("resume*.csv.gz"))
@@ -250,13 +250,17 @@ def export_runs(profile_dir: str | Path, dest: str | Path) -> dict[str, list[str
 def restore_runs(src: str | Path, profile_dir: str | Path) -> list[str]:
     """Copy the run directories of an exported run (:func:`export_runs`) back under
     ``profile_dir``, file by file, keeping every file already there: the pipeline then skips the
-    finished runs and resumes the unfinished ones from their checkpoints. Returns the run ids."""
+    finished runs and resumes the unfinished ones from their checkpoints. A run that has finished
+    under ``profile_dir`` (its ``DONE.json``) is left as it is: the export's checkpoints of it are
+    older than its results. Returns the run ids."""
     src, profile_dir = Path(src), Path(profile_dir)
     runs = sorted(p for p in src.iterdir() if p.is_dir()) if src.is_dir() else []
     if not runs:
         raise FileNotFoundError(f"{src} holds no run directory; pass an exported run, e.g. "
                                 "data/paper_run")
     for run in runs:
+        if (profile_dir / run.name / DONE_FILE).exists():
+            continue
         for path in run.iterdir():
             target = profile_dir / run.name / path.name
             if path.is_file() and not target.exists():
