@@ -185,6 +185,9 @@ def write_rows(path: Path, rows: pd.DataFrame) -> None:
         rows.to_csv(tmp, index=False, compression="gzip")
 
 
+CHECKPOINTS = "resume*.csv.gz"  # the names :func:`resume_path` gives
+
+
 def resume_path(out_dir: str | Path, tag: str = "") -> Path:
     """Where a notebook run keeps the checkpoint of one evaluation (``kvp.evaluate.evaluate``'s
     ``checkpoint``) while it runs: ``<out_dir>/resume<tag>.csv.gz``."""
@@ -194,7 +197,7 @@ def resume_path(out_dir: str | Path, tag: str = "") -> Path:
 def clear_resume(out_dir: str | Path) -> None:
     """Delete every evaluation checkpoint of a run directory (:func:`resume_path`): the run has
     finished, or is to start over."""
-    for path in Path(out_dir).glob("resume*.csv.gz"):
+    for path in Path(out_dir).glob(CHECKPOINTS):
         path.unlink()
 
 
@@ -219,11 +222,11 @@ def export_runs(profile_dir: str | Path, dest: str | Path) -> dict[str, list[str
     states: dict[str, list[str]] = {"finished": [], "checkpointed": []}
     for run_dir in sorted(p for p in profile_dir.iterdir() if p.is_dir()):
         if (run_dir / DONE_FILE).exists():
-            files = [p for p in run_dir.iterdir() if not p.name.startswith("resume") and (
+            files = [p for p in run_dir.iterdir() if not p.match(CHECKPOINTS) and (
                 p.name in KEPT_PLAIN or p.suffix == ".csv" or p.name.endswith(".csv.gz"))]
             state = "finished"
         else:
-            files = sorted(run_dir.glob("resume*.csv.gz"))
+            files = sorted(run_dir.glob(CHECKPOINTS))
             state = "checkpointed"
         if not files:
             continue
