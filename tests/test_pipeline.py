@@ -341,8 +341,18 @@ def test_jobs_run_cells_side_by_side_each_with_its_own_kernel(tmp_path):
     assert starts[1] - starts[0] < min(d["wall_s"] for d in done)  # the second began before the first ended
     assert all(d["torch"] == torch.__version__ and d["device"] and d["git_commit"]
                for d in done)  # each run names the machine it ran on
+    if not torch.cuda.is_available():  # the two kernels share the cores
+        threads = pipeline.kernel_threads(2, 2)
+        assert all(d["device"].endswith(f", {threads} threads)") for d in done), done
     summary = pd.read_csv(tmp_path / "tiny" / "summary.csv")
     assert sorted(summary["dataset"].unique()) == ["biography", "niah"] and len(summary) == 4
+
+
+def test_kernels_side_by_side_share_the_cores():
+    assert pipeline.kernel_threads(2, 5, cores=2) == 1
+    assert pipeline.kernel_threads(2, 1, cores=2) == 2  # a run alone in its group gets them all
+    assert pipeline.kernel_threads(8, 3, cores=16) == 5
+    assert pipeline.kernel_threads(4, 4, cores=2) == 1  # never fewer than one
 
 
 @pytest.mark.notebook
