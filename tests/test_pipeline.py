@@ -115,7 +115,10 @@ def test_waves_finish_the_training_runs_before_later_notebooks_start():
     assert [i for group in groups for i in group] == list(range(len(runs)))
     notebooks = [{runs[i].notebook for i in group} for group in groups]
     assert notebooks[0] == {"02_train_adapters"} and "02_train_adapters" not in set().union(*notebooks[1:])
-    assert len(pipeline.waves(load_profile("paper", ROOT / "configs").runs("results"))) == 1
+    paper = load_profile("paper", ROOT / "configs").runs("results")
+    groups = pipeline.waves(paper)  # everything side by side, but the latency run alone
+    assert [[paper[i].notebook for i in g] for g in groups][1:] == [["06_latency"]]
+    assert len(groups[0]) == len(paper) - 1
 
 
 def test_each_kernel_gets_its_own_ipc_socket_path(tmp_path, monkeypatch):

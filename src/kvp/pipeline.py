@@ -78,6 +78,7 @@ RESERVED_PARAMS = ("OUT_DIR",)
 LOG_FILE = "run.log"
 KERNEL_START_TIMEOUT_S = 600  # a loaded machine (several runs, one GPU) can take minutes
 PRODUCERS = ("02_train_adapters",)  # notebooks whose outputs (adapters) later notebooks read
+TIMED = ("06_latency",)  # notebooks that time code: never executed beside another run
 
 
 # ------------------------------------------------------------------------------------ profiles
@@ -368,10 +369,13 @@ def execute_run(run: Run, notebook_dir: Path, force: bool = False,
 def waves(runs: Sequence[Run]) -> list[list[int]]:
     """Indices of ``runs`` cut into consecutive groups that may execute side by side: a group ends
     where runs of :data:`PRODUCERS` begin or end, so later notebooks never start before the
-    adapters they may read are written."""
+    adapters they may read are written, and every run of :data:`TIMED` is a group of its own, so
+    that no other kernel shares the machine while it measures."""
     groups: list[list[int]] = []
     for index, run in enumerate(runs):
-        if groups and (runs[groups[-1][-1]].notebook in PRODUCERS) == (run.notebook in PRODUCERS):
+        last = runs[groups[-1][-1]].notebook if groups else None
+        if (groups and last not in TIMED and run.notebook not in TIMED
+                and (last in PRODUCERS) == (run.notebook in PRODUCERS)):
             groups[-1].append(index)
         else:
             groups.append([index])
