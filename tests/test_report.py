@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import shutil
 
@@ -13,10 +14,10 @@ from kvp.adapters import (ADAPTER_DIR, BIOGRAPHY_CHOICE, SHIFTS, load_adapter, r
                           shift_options)
 from kvp.data import DOMAINS
 from kvp.evaluate import hop_breakdown
-from kvp.metrics import agreement_f1
+from kvp.metrics import agreement_f1, f1_micro
 from kvp.packet import PacketWrapper
 from kvp.report import (append_results, breakdown_markdown, check_rows_budget, evaluate_adapters,
-                        main, paired_agreement, plot_adapter_results, read_rows,
+                        main, paired_gains, plot_adapter_results, read_rows,
                         results_from_rows, results_markdown, seed_summary, seed_summary_markdown,
                         sweep_table)
 from kvp.train import TrainConfig, training_samples
@@ -31,12 +32,16 @@ def test_evaluation_table_on_two_samples(tmp_path, smollm):
     assert list(table.wrapper[2:]) == ["biography-seed0", "niah-seed1", "mixture-seed0",
                                        "mixture-seed1"]
     rows = pd.read_csv(rows_path, keep_default_na=False)
-    gains = paired_agreement(rows_path, n_boot=50)
+    gains = paired_gains(rows_path, n_boot=50)
     assert len(gains) == 4
     ref = rows[rows.method == "full_recompute"].answer.tolist()
     plain = agreement_f1(rows[rows.method == "no_recompute"].answer.tolist(), ref)
     kv = agreement_f1(rows[rows.wrapper == "mixture-seed1"].answer.tolist(), ref)
     assert gains.agree_gain.iloc[3] == pytest.approx(kv - plain)
+    gold = rows[rows.method == "no_recompute"].gold.map(ast.literal_eval).tolist()
+    f1_gain = (f1_micro(rows[rows.wrapper == "mixture-seed1"].answer.tolist(), gold)
+               - f1_micro(rows[rows.method == "no_recompute"].answer.tolist(), gold))
+    assert gains.f1_gain.iloc[3] == pytest.approx(f1_gain)
     summary = seed_summary(table)
     assert list(summary.adapter) == ["biography", "mixture", "niah"]
     assert list(summary.seeds) == [1, 2, 1]
@@ -243,5 +248,5 @@ def test_cli_holdout_cell_names_the_held_out_domain(tmp_path, monkeypatch, smoll
     assert list(table.method) == ["full_recompute", "no_recompute", "kv_packet"]
     rows = read_rows(out / "rows" / "smollm2-135m__multihop__holdout-products.csv.gz")
     assert set(rows.meta_hops) <= {2, 3} and set(rows.split_shift) == {"holdout-products"}
-    assert len(paired_agreement(out / "rows" / "smollm2-135m__multihop__holdout-products.csv.gz",
+    assert len(paired_gains(out / "rows" / "smollm2-135m__multihop__holdout-products.csv.gz",
                                 n_boot=20)) == 1

@@ -3,7 +3,7 @@
 ``evaluate_adapters`` runs full recompute, no recompute and KV Packet (one row per wrapper) on
 the test samples of a (model, dataset, held-out shift) cell and keeps the per-sample answers
 (``data/adapters/rows/``); the cells merge into ``data/adapters/results.csv``
-(:data:`ADAPTER_COLUMNS`). ``seed_summary``, ``paired_agreement``, the markdown tables and the
+(:data:`ADAPTER_COLUMNS`). ``seed_summary``, ``paired_gains``, the markdown tables and the
 figures are built from those files alone. ``python -m kvp.adapters train|evaluate|table|rebuild|
 plot`` is :func:`main`; the recipes and the trained adapters are :mod:`kvp.adapters`.
 """
@@ -24,7 +24,7 @@ from kvp.adapters import (ADAPTER_DIR, HOLDOUT, RECIPES, SHIFTS, SWEEP, adapter_
 from kvp.data import GENERATORS, load_dataset
 from kvp.evaluate import EvalSettings, evaluate, hop_breakdown, meta_breakdown, method_summary
 from kvp.methods import get_method
-from kvp.metrics import agreement_f1, paired_bootstrap
+from kvp.metrics import agreement_f1, f1_micro, paired_bootstrap
 from kvp.models import load_model
 from kvp.packet import PacketStore
 from kvp.plots import (method_label, method_style, plot_fidelity_vs_size, save_fig,
@@ -372,25 +372,29 @@ def plot_adapter_results(results: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def paired_agreement(rows_path: Path, n_boot: int = 1000) -> pd.DataFrame:
-    """Per wrapper: agreement of kv_packet minus that of no_recompute on the same samples, with a
-    paired bootstrap 95% CI and p-value (reads the per-sample rows ``evaluate`` wrote)."""
+def paired_gains(rows_path: Path, n_boot: int = 1000) -> pd.DataFrame:
+    """Per wrapper: kv_packet minus no_recompute on the same samples, in F1 against the gold
+    answers (``f1_gain``) and in agreement with full recompute (``agree_gain``), each with a paired
+    bootstrap 95% CI and p-value (reads the per-sample rows ``evaluate`` wrote)."""
     rows = read_rows(rows_path)
     ref = rows[rows.method == "full_recompute"].set_index("sample_id")["answer"]
-    plain = rows[rows.method == "no_recompute"].set_index("sample_id")["answer"]
+    plain = rows[rows.method == "no_recompute"].set_index("sample_id")
     out = []
     for wrapper, g in rows[rows.method == "kv_packet"].groupby("wrapper", sort=False):
         ids = list(g.sample_id)
-        diff, low, high, p = paired_bootstrap(list(g.answer), list(plain.loc[ids]),
-                                              list(ref.loc[ids]), agreement_f1, n_boot)
+        f1 = paired_bootstrap(list(g.answer), list(plain.answer.loc[ids]), list(g.gold),
+                              f1_micro, n_boot)
+        agree = paired_bootstrap(list(g.answer), list(plain.answer.loc[ids]), list(ref.loc[ids]),
+                                 agreement_f1, n_boot)
         out.append({"model": g.model.iloc[0], "dataset": g.dataset.iloc[0],
                     "split_shift": g.split_shift.iloc[0], "wrapper": wrapper, "n": len(ids),
-                    "agree_gain": diff, "ci_low": low, "ci_high": high, "p_value": p})
+                    **dict(zip(("f1_gain", "f1_ci_low", "f1_ci_high", "f1_p_value"), f1)),
+                    **dict(zip(("agree_gain", "ci_low", "ci_high", "p_value"), agree))})
     return pd.DataFrame(out)
 
 
 def seed_summary_markdown(results: pd.DataFrame, rows_dir: Path | None = None) -> str:
-    """Markdown of :func:`seed_summary` (and of :func:`paired_agreement` for each rows file)."""
+    """Markdown of :func:`seed_summary` (and of :func:`paired_gains` for each rows file)."""
     lines = ["| model | dataset | shift | adapter | n | seeds | kv_packet F1 (mean ± sd) | "
              "% of full F1 | agreement (mean ± sd) | full F1 | no_recompute F1 / agreement |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -401,10 +405,13 @@ def seed_summary_markdown(results: pd.DataFrame, rows_dir: Path | None = None) -
                      f"{r.no_recompute_f1:.3f} / {r.no_recompute_agree:.3f} |")
     files = sorted(rows_dir.glob("*.csv.gz")) if rows_dir is not None else []
     if files:
-        lines += ["", "| model | dataset | shift | wrapper | n | agreement gain over no_recompute "
-                  "(paired 95% CI) | p |", "|---|---|---|---|---|---|---|"]
-        for r in pd.concat([paired_agreement(f) for f in files]).itertuples():
+        lines += ["", "| model | dataset | shift | wrapper | n | F1 gain over no_recompute "
+                  "(paired 95% CI) | p | agreement gain (paired 95% CI) | p |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in pd.concat([paired_gains(f) for f in files]).itertuples():
             lines.append(f"| {r.model} | {r.dataset} | {r.split_shift} | {r.wrapper} | {r.n} | "
+                         f"{r.f1_gain:+.3f} ({r.f1_ci_low:+.3f} to {r.f1_ci_high:+.3f}) | "
+                         f"{r.f1_p_value:.3f} | "
                          f"{r.agree_gain:+.3f} ({r.ci_low:+.3f} to {r.ci_high:+.3f}) | "
                          f"{r.p_value:.3f} |")
     return "\n".join(lines) + "\n"
