@@ -127,12 +127,19 @@ def accept_kernel_dialog(page) -> None:
 
 
 def run_all_cells(page, tries: int = 5) -> None:
-    """Run > Run All Cells, again if a kernel dialog swallowed the click, until a cell is queued."""
+    """Run > Run All Cells, again if a kernel dialog swallowed the click or a busy machine kept the
+    menu from answering in time, until a cell is queued."""
+    from playwright.sync_api import TimeoutError as ClickTimeout
+
     prompts = page.locator(".jp-CodeCell .jp-InputPrompt")
     for _ in range(tries):
         accept_kernel_dialog(page)
-        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        try:
+            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click(timeout=90_000)
+            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click(timeout=30_000)
+        except ClickTimeout:
+            page.keyboard.press("Escape")  # close a menu left half open, then try again
+            continue
         for _ in range(20):
             if any(c in t for t in prompts.all_inner_texts() for c in "*0123456789"):
                 return
