@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from kvp.bench import (BenchConfig, IdTokenizer, bench_model, crossover_tokens, environment,
-                       loglog_slopes, read_csvs, summary, synthetic_context, tier_summary,
-                       write_csv)
+from kvp.bench import (HOST_GRAPH_VARIANT, BenchConfig, IdTokenizer, bench_model,
+                       copy_setting, crossover_tokens, environment, loglog_slopes, read_csvs,
+                       summary, synthetic_context, tier_lines, tier_summary, write_csv)
 from kvp import kernels
 from kvp.cache import ChunkKV
 from kvp.query_step import (RMS_NORMS, FusedProjections, KVBuffer, PromptGraph, add_rms_norm,
@@ -319,6 +319,18 @@ def test_host_graph_step_is_a_line_of_its_own_in_the_tier_summary():
         f"kv_packet[{v}]@host{s}" for v in ("pipelined+fused", "pipelined+graph+fused") for s in ("", ":fp8"))
     assert tiers.groupby(["tier", "packet_dtype"]).size().to_dict() == {
         ("gpu", "bf16"): 1, ("gpu", "fp8"): 1, ("host", "bf16"): 2, ("host", "fp8"): 2}
+
+
+def test_each_layers_per_copy_of_the_host_graph_is_a_line_of_its_own():
+    df = read_csvs([ROOT / "data" / "benchmarks" / "ttft_nvidia-h200_2026-12-02_host-graph.csv"])
+    graph = df[(df["variant"] == HOST_GRAPH_VARIANT) & (df["status"] == "ok")]
+    assert copy_setting(1) == "" and set(graph["setting"].fillna("")) == {""}
+    grouped = graph.assign(setting=copy_setting(8), ttft_ms=graph["ttft_ms"] / 2)
+    lines = tier_lines(pd.concat([df, grouped], ignore_index=True))
+    host = lines[lines["tier"] == "host"].groupby("line")["ttft_ms"].min()
+    assert {"host bf16 graph", "host bf16 graph layers_per_copy=8", "host fp8 graph",
+            "host fp8 graph layers_per_copy=8"} <= set(host.index)
+    assert host["host bf16 graph layers_per_copy=8"] == pytest.approx(host["host bf16 graph"] / 2)
 
 
 def test_crossover_is_where_reuse_starts_to_beat_recompute():

@@ -17,8 +17,8 @@ from kvp.compact import dequantize, quantize
 from kvp.methods import get_method, make_context
 from kvp.models import load_model
 from kvp.packet import PacketStore, PacketWrapper, assemble, build_packet
-from kvp.query_step import (KVBuffer, PipelinedGraph, Staging, assemble_into, fast_query,
-                            pipelined_query)
+from kvp.query_step import (KVBuffer, PipelinedGraph, Staging, _Transfer, assemble_into,
+                            fast_query, pipelined_query)
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="Triton is not installed (no wheels for this platform)")
@@ -142,6 +142,32 @@ def test_pipelined_query_is_the_resident_query_from_every_tier(smollm, wrapper, 
         assemble_into(model, ref, ctx.preamble_kv, [p.placed("meta") for p in resident])
 
 
+@pytest.mark.parametrize("packet_dtype", ["model", "fp8"])
+@pytest.mark.parametrize("layers_per_copy", [1, 4, 30, 64])
+def test_transfer_lands_every_layer_of_every_packet_in_its_slot(smollm, wrapper, tmp_path,
+                                                                packet_dtype, layers_per_copy):
+    """The copies of the host and disk tiers (synchronous here, on a side stream on CUDA): one per
+    layer, or groups of layers per copy (4 does not divide the 30 layers; 30 and 64 move each
+    tensor of a packet in one copy), put layer l of packet j in the staging's slot l."""
+    model = smollm.model
+    _, packets = query(smollm, store_of(smollm, tmp_path, ("host",), packet_dtype), wrapper)
+    n_layers = model.config.num_hidden_layers
+    staging = Staging.allocate(model, packets, depth=n_layers)
+    transfer = _Transfer(staging, packets, n_layers, layers_per_copy=layers_per_copy)
+    transfer.start()
+    for layer in range(n_layers):
+        chunks, scales = transfer.chunks(layer)
+        for p, chunk, scale in zip(packets, chunks, scales, strict=True):
+            assert torch.equal(chunk.keys, p.kv.keys[layer:layer + 1])
+            assert torch.equal(chunk.values, p.kv.values[layer:layer + 1])
+            if p.scales is not None:
+                assert all(torch.equal(a, b[layer:layer + 1]) for a, b in zip(scale, p.scales))
+    if layers_per_copy > 1:
+        with pytest.raises(ValueError, match=f"needs a staging of all {n_layers} layers"):
+            _Transfer(Staging.allocate(model, packets, depth=2), packets, n_layers,
+                      layers_per_copy=layers_per_copy)
+
+
 @needs_triton
 @pytest.mark.parametrize("packet_dtype", ["fp8", "int8"])
 def test_fused_compact_assembly_is_the_plain_assembly_of_dequantized_packets(tmp_path,
@@ -211,6 +237,11 @@ def test_pipelined_query_on_cuda_is_the_resident_query(packet_dtype, tmp_path):
         assert torch.equal(got, want), tier
         assert torch.equal(buf.keys[:, :, :n - 3], ref.keys[:, :, :n - 3])
         assert torch.equal(buf.values[:, :, :n - 3], ref.values[:, :, :n - 3])
+    hosted = [stores["host"].get(d, wrapper) for d in docs]  # two layers per copy (3 layers)
+    got, _ = pipelined_query(model, KVBuffer.allocate(model, n), ctx.preamble_kv, hosted,
+                             ctx.task_ids, fused=True, layers_per_copy=2)
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
 
 
 def test_pipelined_graph_refuses_a_cpu_buffer(smollm, wrapper, tmp_path):
@@ -221,10 +252,12 @@ def test_pipelined_graph_refuses_a_cpu_buffer(smollm, wrapper, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layers_per_copy", [1, 2])
 @pytest.mark.parametrize("packet_dtype", ["model", "fp8"])
-def test_pipelined_graph_is_the_resident_query_for_every_packet_set(packet_dtype):
+def test_pipelined_graph_is_the_resident_query_for_every_packet_set(packet_dtype, layers_per_copy):
     """One captured graph, replayed for two packet sets of the same shapes from pinned host
-    memory, gives each set's resident logits (the copies follow the new addresses)."""
+    memory, gives each set's resident logits (the copies follow the new addresses), with one
+    copy per layer or per group of layers (2 does not divide the 3 layers)."""
     from kvp.bench import IdTokenizer
 
     model = load_model("arch:llama-3.1-8b", device="cuda", config_overrides=SMALL_LLAMA)[0]
@@ -246,7 +279,8 @@ def test_pipelined_graph_is_the_resident_query_for_every_packet_set(packet_dtype
         hosted.append([stores["host"].get(d, wrapper) for d in docs])
         assert hosted[-1][0].kv.keys.is_pinned()
     buf = KVBuffer.allocate(model, n)
-    graph = PipelinedGraph(model, buf, ctx.preamble_kv, hosted[0], len(ids), fused=True)
+    graph = PipelinedGraph(model, buf, ctx.preamble_kv, hosted[0], len(ids), fused=True,
+                           layers_per_copy=layers_per_copy)
     for k in (1, 0, 1):
         got = graph(hosted[k], ids).clone()
         torch.testing.assert_close(got, wants[k], rtol=1e-3, atol=1e-3)

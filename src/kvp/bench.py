@@ -120,6 +120,7 @@ class BenchConfig:
     time_limit_s: float = float("inf")
     seed: int = 0
     host_graph: bool = False  # also time HOST_GRAPH_VARIANT on the host tier (CUDA only)
+    host_graph_layers: tuple[int, ...] = (1,)  # its layers per host → device copy, one row each
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in FAST_VARIANTS]
@@ -395,29 +396,32 @@ def bench_fast(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, plai
     CUDA); then each other (tier, packet dtype) of ``cfg``: ``bench_tier``."""
     device = model.device
     rows: list[dict] = []
-    jobs = [(variant, "gpu", "model") for variant in cfg.variants
+    jobs = [(variant, "gpu", "model", 1) for variant in cfg.variants
             if "graph" not in variant or device.type == "cuda"]
     best = "fast+graph+fused" if device.type == "cuda" else "fast"
     for tier in cfg.tiers:
         for packet_dtype in cfg.packet_dtypes:
             if (tier, packet_dtype) != ("gpu", "model"):
                 variant = best if tier == "gpu" else TIER_VARIANTS[device.type == "cuda"]
-                jobs.append((variant, tier, packet_dtype))
+                jobs.append((variant, tier, packet_dtype, 1))
                 if tier == "host" and cfg.host_graph:
-                    jobs.append((HOST_GRAPH_VARIANT, tier, packet_dtype))
-    for variant, tier, packet_dtype in jobs:
+                    jobs += [(HOST_GRAPH_VARIANT, tier, packet_dtype, k)
+                             for k in cfg.host_graph_layers]
+    for variant, tier, packet_dtype, layers_per_copy in jobs:
         where = dict(tier=tier, packet_dtype=packet_dtype)
+        setting = copy_setting(layers_per_copy)
         if time.perf_counter() > deadline:
-            rows.append(row("kv_packet", "", variant, None, plain["flops"], plain["cached"],
+            rows.append(row("kv_packet", setting, variant, None, plain["flops"], plain["cached"],
                             "skipped: time limit", **where))
             continue
         try:
             if tier == "gpu" and packet_dtype == "model":
                 rows.append(_bench_variant(model, ctx, cfg, plain, variant, row))
             else:
-                rows.append(bench_tier(model, ctx, cfg, plain, variant, tier, packet_dtype, row))
+                rows.append(bench_tier(model, ctx, cfg, plain, variant, tier, packet_dtype, row,
+                                       layers_per_copy))
         except Exception as err:  # a failing variant (compiler, graph capture, OOM) is recorded
-            rows.append(row("kv_packet", "", variant, None, plain["flops"], plain["cached"],
+            rows.append(row("kv_packet", setting, variant, None, plain["flops"], plain["cached"],
                             f"error: {type(err).__name__}: {str(err).splitlines()[0][:80]}",
                             **where))
         _free(device)
@@ -492,10 +496,16 @@ def graph_step(model, buf: KVBuffer, ctx: QueryContext, packets, fused: bool, pr
     return step
 
 
+def copy_setting(layers_per_copy: int) -> str:
+    """The ``setting`` of a host-graph row that moves several layers per copy ("" for one)."""
+    return f"layers_per_copy={layers_per_copy}" if layers_per_copy > 1 else ""
+
+
 def bench_tier(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant: str, tier: str,
-               packet_dtype: str, row) -> dict:
+               packet_dtype: str, row, layers_per_copy: int = 1) -> dict:
     """KV Packet with its packets in ``tier`` as ``packet_dtype``: the gpu tier through the fused
-    CUDA-graph step (eager on a CPU), the host and disk tiers through ``pipelined_query``; a disk
+    CUDA-graph step (eager on a CPU), the host and disk tiers through ``pipelined_query`` (or, for
+    ``HOST_GRAPH_VARIANT``, ``PipelinedGraph`` moving ``layers_per_copy`` layers per copy); a disk
     run drops the packets' cached pages before every call, so each reads the disk."""
     device, n_task = model.device, len(ctx.task_ids)
     fused = variant.endswith("+fused")
@@ -516,7 +526,7 @@ def bench_tier(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant:
                                       projections)[0]
             elif variant == HOST_GRAPH_VARIANT:
                 graph = PipelinedGraph(model, buf, ctx.preamble_kv, packets, n_task, fused,
-                                       projections)
+                                       projections, layers_per_copy=layers_per_copy)
 
                 def step():
                     return graph(packets, ctx.task_ids.to(device))
@@ -533,7 +543,8 @@ def bench_tier(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant:
                               cfg.max_seconds, setup, issued)
             step = staging = graph = None  # frees the captured graphs and the staging slots
         moved = sum(p.nbytes for p in packets) if tier != "gpu" else 0
-        return row("kv_packet", "", variant, times, plain["flops"], plain["cached"], tier=tier,
+        return row("kv_packet", copy_setting(layers_per_copy), variant, times, plain["flops"],
+                   plain["cached"], tier=tier,
                    packet_dtype=packet_dtype, transfer_bytes=moved,
                    issue_ms=1e3 * statistics.median(issued), **check)
     finally:
@@ -683,7 +694,8 @@ def tier_lines(df: pd.DataFrame) -> pd.DataFrame:
             pick = g[g["label"] == next((x for x in PACKET_LABELS if x in labels), g["label"].iloc[0])] \
                 if dtype == dtype_name(g["dtype"].iloc[0]) else g
         graph = pick["label"].str.contains(f"[{HOST_GRAPH_VARIANT}]", regex=False)
-        keep.append(pick.assign(line=np.where(graph, f"{tier} {dtype} graph", f"{tier} {dtype}")))
+        name = (f"{tier} {dtype} graph " + pick["setting"].fillna("").astype(str)).str.strip()
+        keep.append(pick.assign(line=np.where(graph, name, f"{tier} {dtype}")))
     return pd.concat(keep, ignore_index=True) if keep else ok.assign(line=[])
 
 
@@ -758,7 +770,8 @@ def run(args) -> Path:
                           methods=tuple(m for m in DEFAULT_METHODS if m[0] in args.methods),
                           variants=tuple(args.variants), tiers=tuple(args.tiers),
                           packet_dtypes=packet_dtypes, packet_dir=str(packet_dir),
-                          host_graph=args.host_graph)
+                          host_graph=args.host_graph,
+                          host_graph_layers=tuple(args.host_graph_layers))
         model_deadline = min(deadline, time.perf_counter() + args.model_time_limit)
         rows = bench_model(model, name, cfg, env, model_deadline, path, rows,
                            log=lambda s: print(s, flush=True))
@@ -803,6 +816,9 @@ def main(argv: list[str] | None = None, save_figures=None) -> None:
                    help="directory of the disk tier (default: --out); its files are removed")
     r.add_argument("--host-graph", action="store_true",
                    help="also time the host tier as one CUDA graph (PipelinedGraph; CUDA only)")
+    r.add_argument("--host-graph-layers", type=int, nargs="+", default=[1], metavar="K",
+                   help="layers per host -> device copy in the host graph, one row each "
+                   "(default: 1)")
     r.add_argument("--model-time-limit", type=float, default=float("inf"),
                    help="seconds per model (within --time-limit)")
     s = sub.add_parser("summary", help="key ratios and log-log slopes of CSVs")

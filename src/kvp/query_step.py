@@ -347,6 +347,9 @@ def fast_query(model, buf: KVBuffer, preamble: ChunkKV, packets: list[Packet],
 
 
 # --------------------------------------------------------------------------- pipelined transfer
+RING_DEPTH = 4  # layers in flight between the host or disk and the compute (Staging's ring)
+
+
 @dataclass
 class Staging:
     """Where packets in host memory or on disk land, layer by layer, before assembly.
@@ -373,7 +376,7 @@ class Staging:
         return self.keys.shape[0]
 
     @classmethod
-    def allocate(cls, model, packets: list[Packet], depth: int = 4) -> Staging:
+    def allocate(cls, model, packets: list[Packet], depth: int = RING_DEPTH) -> Staging:
         """A ring of ``depth`` layers (at most the model's) for packets of these shapes and dtype."""
         dtypes = {p.kv.keys.dtype for p in packets}
         if len(dtypes) != 1:
@@ -410,11 +413,23 @@ class Staging:
 class _Transfer:
     """Layer l of every packet onto the device, ``staging.depth`` layers ahead of the compute:
     on CUDA on a side stream, each layer's arrival and release marked by events; elsewhere the
-    same steps as synchronous copies."""
+    same steps as synchronous copies.
+
+    ``layers_per_copy`` > 1 (a staging of every layer, no ring; packets page-locked or on the
+    device's own side) moves that many layers of a packet's keys (and of its values) in one copy
+    instead of one copy per layer: the host issues ``2 × packets × layers / layers_per_copy``
+    copies, and each layer's arrival is its group's."""
 
     def __init__(self, staging: Staging, packets: list[Packet], n_layers: int,
-                 arrived: list | None = None):
+                 arrived: list | None = None, layers_per_copy: int = 1):
+        if layers_per_copy < 1:
+            raise ValueError(f"layers_per_copy={layers_per_copy}: give 1 or more")
+        if layers_per_copy > 1 and (staging.depth < n_layers or staging.host_keys is not None):
+            raise ValueError(f"layers_per_copy={layers_per_copy} needs a staging of all "
+                             f"{n_layers} layers (it has {staging.depth}) and packets in "
+                             "page-locked memory; use layers_per_copy=1")
         self.staging, self.packets, self.n_layers = staging, packets, n_layers
+        self.layers_per_copy = layers_per_copy
         cuda = staging.stream is not None
         self.arrived = arrived or [torch.cuda.Event() if cuda else None for _ in range(n_layers)]
         self.freed = [torch.cuda.Event() if cuda else None for _ in range(n_layers)]
@@ -430,8 +445,26 @@ class _Transfer:
                 for (k, v), p in zip(st.scales, self.packets):
                     k.copy_(p.scales[0], non_blocking=True)
                     v.copy_(p.scales[1], non_blocking=True)
+        if self.layers_per_copy > 1:
+            for first in range(0, self.n_layers, self.layers_per_copy):
+                self.issue_group(first, min(first + self.layers_per_copy, self.n_layers))
+            return
         for layer in range(min(st.depth, self.n_layers)):
             self.issue(layer)
+
+    def issue_group(self, first: int, stop: int) -> None:
+        """Layers ``first..stop-1`` of every packet into their slots, one copy per packet for
+        the keys and one for the values (slot l holds layer l: the staging has every layer)."""
+        st = self.staging
+        with self._side():
+            for j, p in enumerate(self.packets):
+                size = math.prod(st.shapes[j])
+                for ring, source in ((st.keys, p.kv.keys), (st.values, p.kv.values)):
+                    ring[first:stop, st.at[j]:st.at[j] + size].copy_(
+                        source[first:stop].reshape(stop - first, size), non_blocking=True)
+            for layer in range(first, stop):
+                if self.arrived[layer] is not None:
+                    self.arrived[layer].record(st.stream)
 
     def issue(self, layer: int) -> None:
         """Start moving ``layer`` into its ring slot (after the slot's previous layer is done)."""
@@ -480,7 +513,8 @@ class _Transfer:
 def pipelined_query(model, buf: KVBuffer, preamble: ChunkKV, packets: list[Packet],
                     task_ids: torch.Tensor, fused: bool = False,
                     projections: FusedProjections | None = None,
-                    staging: Staging | None = None) -> tuple[torch.Tensor, int]:
+                    staging: Staging | None = None,
+                    layers_per_copy: int = 1) -> tuple[torch.Tensor, int]:
     """The query step with the packets in host memory or on disk (any tier; packets already on
     the device are assembled in place): layer l's packet KV moves to the device while layer
     l − 1 computes, and is assembled into ``buf`` (re-rotated, dequantized) right before layer
@@ -490,6 +524,8 @@ def pipelined_query(model, buf: KVBuffer, preamble: ChunkKV, packets: list[Packe
     release are CUDA events; on other devices the same steps run as synchronous copies. The
     result is the resident path's (``fast_query``) exactly. ``staging``: allocated for these
     packets when None (allocate it once with ``Staging.allocate`` to reuse it across queries).
+    ``layers_per_copy`` > 1 moves that many layers per copy (``_Transfer``); it needs a staging of
+    every layer (``depth`` = the model's layers), allocated so when ``staging`` is None.
     Returns (first logits (V,), next free position).
     """
     ids = task_ids.to(model.device)
@@ -503,9 +539,11 @@ def pipelined_query(model, buf: KVBuffer, preamble: ChunkKV, packets: list[Packe
     before = None
     if moving:
         away = [packets[i] for i in moving]
+        n_layers = model.config.num_hidden_layers
         if staging is None or not staging.fits(away):
-            staging = Staging.allocate(model, away)
-        transfer = _Transfer(staging, away, model.config.num_hidden_layers)
+            depth = n_layers if layers_per_copy > 1 else RING_DEPTH
+            staging = Staging.allocate(model, away, depth=depth)
+        transfer = _Transfer(staging, away, n_layers, layers_per_copy=layers_per_copy)
         transfer.start()
         at = [slots[i + 1] for i in moving]
         by = [offsets[i + 1] for i in moving]
@@ -540,12 +578,18 @@ class PipelinedGraph:
     layer (no ring: a graph cannot hand slots back to copies the host issues), i.e. the packets'
     bytes on the device, in their stored dtype. Packets must be in page-locked host memory (the
     host tier); disk packets go through ``pipelined_query``. The assembly inside the graph uses the
-    eager re-rotation (same maths as the Triton one; launches cost nothing in a graph).
+    eager re-rotation (same maths as the Triton one).
+
+    ``layers_per_copy``: layers of a packet moved by one host → device copy (see ``_Transfer``).
+    With 1, the host issues two copies per packet and layer before the replay can start (512
+    for 8 packets of a 32-layer model); a larger value issues fewer, larger copies, and the graph
+    waits for each group of layers instead of each layer.
     """
 
     def __init__(self, model, buf: KVBuffer, preamble: ChunkKV, packets: list[Packet],
                  prompt_len: int, fused: bool = False,
-                 projections: FusedProjections | None = None, warmup: int = 2):
+                 projections: FusedProjections | None = None, warmup: int = 2,
+                 layers_per_copy: int = 1):
         if buf.keys.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the buffer is on {buf.keys.device}; "
                              "use pipelined_query on other devices")
@@ -553,7 +597,7 @@ class PipelinedGraph:
             raise ValueError("PipelinedGraph needs every packet in page-locked host memory (the "
                              "host tier); use pipelined_query for packets on disk or the device")
         n_layers = model.config.num_hidden_layers
-        self.n_layers = n_layers
+        self.n_layers, self.layers_per_copy = n_layers, layers_per_copy
         self.staging = Staging.allocate(model, packets, depth=n_layers)
         self.arrived = [torch.cuda.Event(external=True) for _ in range(n_layers)]
         chunks, slots, offsets, n_cached, start, cos, sin = _layout(model, buf, preamble, packets)
@@ -562,7 +606,8 @@ class PipelinedGraph:
         positions = prompt_positions(model, start, prompt_len)
         # Everything the graph reads stays referenced: freed, its memory would be reused.
         self._read = (buf, preamble, positions, cos, sin)
-        view = _Transfer(self.staging, packets, n_layers, self.arrived)  # the staging's layer views
+        view = _Transfer(self.staging, packets, n_layers, self.arrived,
+                         layers_per_copy)  # the staging's layer views
         at, by = slots[1:], offsets[1:]
 
         def step() -> torch.Tensor:
@@ -596,7 +641,7 @@ class PipelinedGraph:
                              f"not fit this graph's layout {self.staging.shapes}: capture a "
                              "PipelinedGraph for them")
         self.staging.stream.wait_stream(torch.cuda.current_stream())
-        _Transfer(self.staging, packets, self.n_layers, self.arrived).start()
+        _Transfer(self.staging, packets, self.n_layers, self.arrived, self.layers_per_copy).start()
 
     def __call__(self, packets: list[Packet], input_ids: torch.Tensor) -> torch.Tensor:
         """The query step for ``packets`` (the captured shapes, in host memory) and prompt
