@@ -10,14 +10,15 @@ import torch
 from kvpress import AdaKVPress, KeyRerotationPress, KnormPress, StreamingLLMPress
 from kvpress.utils import compute_n_kept
 
-from kvp.compress import (PRESSES, CompressedStore, JointCompressed, OnStore, ProtectedPress,
-                          compress_packet, compress_packets, compression_runs, make_press,
-                          min_tokens, press_summary)
+from kvp.compress import (PRESSES, CompressedStore, JointCompressed, JointGroup, OnStore,
+                          ProtectedPress, compress_packet, compress_packets, compression_runs,
+                          make_press, min_tokens, press_summary)
 from kvp.data import Sample
 from kvp.data.prompts import build_segments, segment_ids
 from kvp.evaluate import EvalSettings, evaluate
 from kvp.generate import GenerationConfig
 from kvp.methods import get_method, make_context, run_method
+from kvp.methods.base import timed_step
 from kvp.packet import PacketStore, PacketWrapper, assemble, build_packet, tokenize_document
 from kvp.results import read_rows, resume_path
 
@@ -155,6 +156,30 @@ def test_joint_baseline(smollm):
     assert out.cache.get_seq_length() == compute_n_kept(n_context, RATIO) + len(ctx.task_ids)
     assert out.next_pos == full.next_pos
     assert joint.setting == "press=KnormPress(compression_ratio=0.3)"
+
+
+def test_joint_group_gives_every_press_the_cache_of_its_own_prefill(smollm, monkeypatch):
+    """One joint prefill for several presses (``JointGroup``) against each press's own joint
+    prefill: the same first logits and cache, bit for bit; the shared prefill runs once per
+    context and its time is part of every member's TTFT."""
+    model, tok = smollm.model, smollm.tokenizer
+    ctx = make_context(model, tok, PacketStore(model, tok, "smollm2-135m"), PREAMBLE, DOCS, TASK)
+    presses = [make_press(name, ratio) for name in ("knorm", "snapkv", "streaming_llm")
+               for ratio in (0.2, 0.5)]
+    group = JointGroup(presses)
+    members = [JointCompressed(p, _group=group) for p in presses]
+    assert members[0].setting == JointCompressed(presses[0]).setting
+    steps = [timed_step(m, ctx) for m in members]
+    assert all(seconds >= group.seconds > 0 for _, seconds in steps)
+    monkeypatch.setattr("kvp.compress.encode", lambda *a, **k: pytest.fail("prefilled again"))
+    members[0].prepare(ctx)  # the same context: nothing is prefilled again
+    monkeypatch.undo()
+    for press, (out, _) in zip(presses, steps, strict=True):
+        alone = JointCompressed(press).prefill(ctx, None)
+        assert torch.equal(out.first_logits, alone.first_logits), press
+        assert out.cache.get_seq_length() == alone.cache.get_seq_length()
+        for a, b in zip(out.cache.layers, alone.cache.layers, strict=True):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
 def test_refusals(smollm, wrapper):

@@ -52,6 +52,7 @@ from kvp.data import Sample
 from kvp.data.prompts import build_segments, segment_ids
 from kvp.evaluate import EvalSettings, evaluate, method_summary
 from kvp.flops import prefill_flops
+from kvp.generate import timer
 from kvp.methods import Method, Prefilled, QueryContext, get_method
 from kvp.methods.base import prefill_on_assembled
 from kvp.packet import Packet, PacketStore, PacketWrapper, build_packet, tokenize_document
@@ -325,6 +326,43 @@ class OnStore(Method):
         return self.method.prefill(replace(ctx, store=self.store), prepared)
 
 
+def joint_ids(ctx: QueryContext, press: BasePress) -> torch.Tensor:
+    """Preamble and documents (P + n_docs_tokens,), checked long enough for ``press``."""
+    ids = torch.cat([ctx.preamble_ids, *ctx.doc_ids])
+    if len(ids) < min_tokens(press):
+        raise ValueError(f"context of {len(ids)} tokens is shorter than the "
+                         f"{min_tokens(press)} tokens {press!r} needs")
+    return ids
+
+
+@dataclass
+class JointGroup:
+    """The joint compressed caches of several presses from one prefill of a context, under a
+    :class:`PressSet` (each press keeps what its own prefill would keep). Holds one context's
+    caches at a time; ``seconds`` is that prefill's wall time, scoring of every press included."""
+
+    presses: list[BasePress]
+    ids: torch.Tensor | None = None
+    kept: list[ChunkKV] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def prepare(self, ctx: QueryContext) -> None:
+        """Prefill ``ctx``'s preamble and documents once for every press (unless done already)."""
+        ids = torch.cat([ctx.preamble_ids, *ctx.doc_ids])
+        if self.ids is not None and torch.equal(ids, self.ids):
+            return
+        for press in self.presses:
+            joint_ids(ctx, press)
+        bundle = PressSet(list(self.presses))
+        with timer(ctx.model.device) as t, bundle(ctx.model):
+            encode(ctx.model, input_ids=ids)  # the whole cache; each press's part is kept aside
+        self.ids, self.kept, self.seconds = ids, bundle.chunks(), t.seconds
+
+    def kv(self, press: BasePress) -> ChunkKV:
+        """``press``'s kept keys/values (L, H_kv, n_kept, D) of the prepared context."""
+        return self.kept[next(i for i, p in enumerate(self.presses) if p is press)]
+
+
 @dataclass
 class JointCompressed(Method):
     """Baseline of Figure 4: one compressed cache over all documents, recomputed per query.
@@ -333,27 +371,35 @@ class JointCompressed(Method):
     only a prefill that starts the cache, so the preamble is part of the compressed context, as in
     kvpress's own pipeline); then the task prompt is prefilled after it, uncompressed. FLOPs count
     that whole prefill; ``n_recomputed`` the document tokens.
+
+    With a ``JointGroup`` (``_group``, which holds this ``press``) the joint prefill runs once for
+    all the group's presses, in ``prepare``; its time is added to each member's TTFT.
     """
 
     name = "joint_compressed"
     press: BasePress
+    _group: JointGroup | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         check_press(self.press)
 
     def prepare(self, ctx: QueryContext):
+        if self._group is not None:
+            self._group.prepare(ctx)
         return None
 
     def prefill(self, ctx: QueryContext, prepared) -> Prefilled:
-        ids = torch.cat([ctx.preamble_ids, *ctx.doc_ids])  # (P + n_docs_tokens,)
-        if len(ids) < min_tokens(self.press):
-            raise ValueError(f"context of {len(ids)} tokens is shorter than the "
-                             f"{min_tokens(self.press)} tokens {self.press!r} needs")
-        with self.press(ctx.model):
-            kv = encode(ctx.model, input_ids=ids)  # (L, H_kv, n_kept, D)
+        ids = joint_ids(ctx, self.press)  # (P + n_docs_tokens,)
+        shared_s = 0.0
+        if self._group is not None:
+            kv, shared_s = self._group.kv(self.press), self._group.seconds
+        else:
+            with self.press(ctx.model):
+                kv = encode(ctx.model, input_ids=ids)  # (L, H_kv, n_kept, D)
         flops = prefill_flops(ctx.arch, len(ids), 0)
-        return prefill_on_assembled(ctx, kv, flops, n_recomputed=ctx.n_docs_tokens,
-                                    next_pos=len(ids))
+        out = prefill_on_assembled(ctx, kv, flops, n_recomputed=ctx.n_docs_tokens,
+                                   next_pos=len(ids))
+        return replace(out, shared_s=shared_s)
 
 
 PressFactory = Callable[[float], BasePress]
@@ -394,13 +440,14 @@ def compression_runs(model, tokenizer, samples: Sequence[Sample],
     ids = {i: segment_ids(tokenizer, seg) for i, seg in segments.items()}  # (preamble, docs, task)
     n_docs = max((len(s.documents) for s in samples), default=1)
     grid, methods = [], []
+    joint = JointGroup([])  # every joint setting's cache from one prefill per sample
     for label, factory in factories.items():
         for ratio in ratios:
             for variant in variants:
                 press = factory(ratio)
                 store = None
                 if variant == "joint":
-                    methods.append(JointCompressed(press))
+                    methods.append(JointCompressed(press, _group=joint))
                 else:
                     store = CompressedStore(model, tokenizer, settings.model_name, press=press,
                                             max_in_memory=n_docs,
@@ -409,6 +456,7 @@ def compression_runs(model, tokenizer, samples: Sequence[Sample],
                     method = get_method("kv_packet" if wrapper is not None else "no_recompute")
                     methods.append(OnStore(method, store, f"{label},ratio={ratio},{variant}"))
                 grid.append((label, ratio, variant, store))
+    joint.presses = [m.press for m in methods if isinstance(m, JointCompressed)]
     stores = [store for *_, store in grid if store is not None]
     for store in stores:
         store.siblings = stores  # each document prefilled once for every packet setting

@@ -79,13 +79,17 @@ def make_context(model, tokenizer, store: PacketStore, preamble: str, documents:
 
 @dataclass
 class Prefilled:
-    """The query step's output: cache after the prompt, first logits (V,), next free position."""
+    """The query step's output: cache after the prompt, first logits (V,), next free position.
+
+    ``shared_s``: seconds of query-time work that ``prepare`` did once for several methods (e.g.
+    one joint prefill for several presses); ``timed_step`` adds them to this method's TTFT."""
 
     cache: DynamicCache
     first_logits: torch.Tensor
     next_pos: int
     flops: int
     n_recomputed: int = 0
+    shared_s: float = 0.0
 
 
 @dataclass
@@ -144,11 +148,12 @@ def assemble_packets(ctx: QueryContext, packets: list[Packet]) -> tuple[ChunkKV,
 
 
 def timed_step(method: Method, ctx: QueryContext) -> tuple[Prefilled, float]:
-    """``method.prefill`` after its untimed ``prepare``: (output, seconds of the query step)."""
+    """``method.prefill`` after its untimed ``prepare``: (output, seconds of the query step,
+    including the query-time work ``prepare`` shared with other methods, ``out.shared_s``)."""
     prepared = method.prepare(ctx)
     with timer(ctx.model.device) as t:
         out = method.prefill(ctx, prepared)
-    return out, t.seconds
+    return out, t.seconds + out.shared_s
 
 
 def method_result(method: Method, ctx: QueryContext, out: Prefilled, seconds: float,
