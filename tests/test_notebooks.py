@@ -101,6 +101,17 @@ def test_generated_test_set_with_a_transferred_adapter_through_notebook_03(tmp_p
     assert (fig_dir / "fig3_main_results_multihop.png").is_file()
 
 
+def test_general_wrapper_on_its_held_out_domain_through_notebook_03(tmp_path):
+    """A shipped general wrapper (trained without product sheets) on product sheets, by name."""
+    out_dir, _ = execute("03_evaluate", {
+        "MODEL": "qwen2.5-coder-0.5b", "DATASET": "products", "N_SAMPLES": 1, "N_DOCS": 2,
+        "ADAPTER": "shipped:general-products", "MAX_NEW_TOKENS": 4,
+        "METHODS": ["no_recompute", "kv_packet"]}, tmp_path)
+    run = read_run_results(out_dir)
+    assert set(run.table.dataset) == {"products"} and set(run.table.n) == {1}
+    assert run.config["ADAPTER"] == "shipped:general-products"
+
+
 def test_unknown_parameter_name_is_refused(tmp_path):
     with pytest.raises(papermill.PapermillExecutionError) as info:
         execute("03_evaluate", {"N_SAMPLE": 2}, tmp_path)
