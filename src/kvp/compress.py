@@ -326,12 +326,13 @@ class OnStore(Method):
         return self.method.prefill(replace(ctx, store=self.store), prepared)
 
 
-def joint_ids(ctx: QueryContext, press: BasePress) -> torch.Tensor:
-    """Preamble and documents (P + n_docs_tokens,), checked long enough for ``press``."""
+def joint_ids(ctx: QueryContext, presses: Sequence[BasePress]) -> torch.Tensor:
+    """Preamble and documents (P + n_docs_tokens,), checked long enough for each of ``presses``."""
     ids = torch.cat([ctx.preamble_ids, *ctx.doc_ids])
-    if len(ids) < min_tokens(press):
-        raise ValueError(f"context of {len(ids)} tokens is shorter than the "
-                         f"{min_tokens(press)} tokens {press!r} needs")
+    for press in presses:
+        if len(ids) < min_tokens(press):
+            raise ValueError(f"context of {len(ids)} tokens is shorter than the "
+                             f"{min_tokens(press)} tokens {press!r} needs")
     return ids
 
 
@@ -348,11 +349,9 @@ class JointGroup:
 
     def prepare(self, ctx: QueryContext) -> None:
         """Prefill ``ctx``'s preamble and documents once for every press (unless done already)."""
-        ids = torch.cat([ctx.preamble_ids, *ctx.doc_ids])
+        ids = joint_ids(ctx, self.presses)
         if self.ids is not None and torch.equal(ids, self.ids):
             return
-        for press in self.presses:
-            joint_ids(ctx, press)
         bundle = PressSet(list(self.presses))
         with timer(ctx.model.device) as t, bundle(ctx.model):
             encode(ctx.model, input_ids=ids)  # the whole cache; each press's part is kept aside
@@ -389,7 +388,7 @@ class JointCompressed(Method):
         return None
 
     def prefill(self, ctx: QueryContext, prepared) -> Prefilled:
-        ids = joint_ids(ctx, self.press)  # (P + n_docs_tokens,)
+        ids = joint_ids(ctx, [self.press])  # (P + n_docs_tokens,)
         shared_s = 0.0
         if self._group is not None:
             kv, shared_s = self._group.kv(self.press), self._group.seconds
