@@ -86,6 +86,12 @@ def sweep_config(model: str, dataset: str, variant: str, seed: int = 0) -> Train
     return TrainConfig(model=model, seed=seed, **{**BIOGRAPHY_BASE, **SWEEP[variant]})
 
 
+# The general wrappers' recipe (and their in-domain references'): 64 samples per generator of the
+# mixture, the biography recipe's optimiser.
+GENERAL_BASE = dict(n_samples=64 * (len(GENERATORS) - 1), n_val=8 * (len(GENERATORS) - 1),
+                    epochs=12, batch_size=32, micro_batch=4, lr=0.6, lr_scale="embed_std",
+                    max_new_tokens=32, autocast=False, tf32=True, checkpoint_every=20)
+
 # The shipped adapters were trained on one GPU with these recipes. The smollm2 NIAH and mixture
 # recipes are the earlier ones (batch 16, absolute lr, no validation split); NIAH met its target.
 RECIPES: dict[tuple[str, str], TrainConfig] = {
@@ -109,12 +115,14 @@ RECIPES: dict[tuple[str, str], TrainConfig] = {
     # kind of document, 64 samples each (NIAH at the CPU-sized context), with the biography recipe's
     # optimiser; it is then evaluated on the held-out kind (--holdout), on NIAH and on multihop.
     **{(m, f"general-{held}"): TrainConfig(
-        model=m, dataset="general", n_samples=64 * (len(GENERATORS) - 1),
-        n_val=8 * (len(GENERATORS) - 1),
-        dataset_options={"holdout": held, "options": {"niah": NIAH_TRAIN_OPTIONS}},
-        epochs=12, batch_size=32, micro_batch=4, lr=0.6, lr_scale="embed_std", max_new_tokens=32,
-        autocast=False, tf32=True, checkpoint_every=20)
+        model=m, dataset="general", dataset_options={"holdout": held,
+                                                     "options": {"niah": NIAH_TRAIN_OPTIONS}},
+        **GENERAL_BASE)
        for m in ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b") for held in DOMAINS},
+    # The in-domain reference of a general wrapper: the same recipe and number of samples, all of
+    # the held-out kind (its train split: no entity of the test split).
+    **{(m, kind): TrainConfig(model=m, dataset=kind, **GENERAL_BASE)
+       for m in ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b") for kind in DOMAINS},
 }
 
 
