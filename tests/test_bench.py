@@ -155,32 +155,6 @@ def test_one_launch_assembly_is_the_eager_rotation_and_copy(dtype):
 
 
 @needs_triton
-def test_a_prepared_assembly_reads_its_chunks_anew_at_every_call():
-    """What a captured graph relies on: ``Assembly`` launches read the chunks' current contents
-    at the addresses named when it was prepared (new bytes in the same tensors → the buffer
-    ``assemble`` gives for them), and write nothing else."""
-    gen = torch.Generator().manual_seed(1)
-    n_layers, n_heads, dim = 2, 2, 64
-    chunks = [ChunkKV(*(torch.randn(n_layers, n_heads, n, dim, generator=gen) for _ in range(2)))
-              for n in (7, 40)]
-    slots, offsets = [0, 7], [3, 11]
-    cos, sin = torch.randn(12, dim, generator=gen), torch.randn(12, dim, generator=gen)
-    keys = torch.zeros(n_layers, n_heads, 50, dim)
-    values = torch.zeros_like(keys)
-    launch = kernels.Assembly.prepare(keys, values, chunks, slots, offsets, cos, sin)
-    assert not keys.any()  # preparing launches nothing
-    for _ in range(2):
-        for c in chunks:  # new contents, same storage (as the staging slots of the host tier)
-            c.keys.copy_(torch.randn(c.keys.shape, generator=gen))
-            c.values.copy_(torch.randn(c.values.shape, generator=gen))
-        launch()
-        want_k, want_v = torch.zeros_like(keys), torch.zeros_like(values)
-        kernels.assemble(want_k, want_v, chunks, slots, offsets, cos, sin)
-        assert torch.equal(keys, want_k) and torch.equal(values, want_v)
-        assert not keys[:, :, 47:].any()
-
-
-@needs_triton
 @pytest.mark.parametrize("heads,kv_heads,seq,n_cached,dim,splits", [
     (4, 2, 8, 200, 64, 3),    # GQA, three splits merged
     (9, 3, 5, 150, 64, None),  # the embedded model's grouping, default split

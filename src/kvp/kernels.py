@@ -21,7 +21,6 @@ On a CUDA device the kernels are compiled by Triton; on the CPU they run in Trit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -108,107 +107,67 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int] | None:
 def assemble(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV], slots: list[int],
              offsets: list[int], cos: torch.Tensor, sin: torch.Tensor, rotate: bool = True,
              scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-    """Write each chunk into ``keys``/``values`` at its slot, its keys rotated by its offset:
-    ``Assembly.prepare`` with these arguments, launched once (see there)."""
-    Assembly.prepare(keys, values, chunks, slots, offsets, cos, sin, rotate, scales)()
+    """Write each chunk into ``keys``/``values`` at its slot, its keys rotated by its offset.
 
-
-@dataclass(frozen=True)
-class Assembly:
-    """One launch of the assembly kernel, its table already on the device: calling it launches
-    the kernel and nothing else (no host → device copy), so a CUDA graph can capture it and
-    replay it for as long as the tensors it names keep their addresses (``kvp.query_step.
-    PipelinedGraph`` prepares one per layer, reading the staging's fixed slots).
-
-    ``table``: int64 on the device, 10 per chunk (see ``_assemble_kernel``) then 2 per program;
-    ``tensors``: every tensor the launch reads or writes, kept alive with it.
+    Args:
+        keys, values: the buffer, (L, H_kv, C, D) contiguous (a layer range of a larger buffer
+            is such a tensor too: ``buf.keys[l:l + 1]``).
+        chunks: ChunkKV with keys/values (L, H_kv, S_i, D) on the buffer's device, all of one
+            dtype: the buffer's, or fp8 / int8 with ``scales`` (any strides whose last dim is
+            contiguous, keys and values alike: e.g. sliced packets).
+        slots: start slot of each chunk in the buffer; offsets: the rotation of each (positions).
+        cos, sin: (P, D) float32 tables, row Δ the rotation by Δ (``kvp.rope.rotation_table``).
+        rotate: False copies the keys unrotated (to time what rotation adds).
+        scales: per chunk, its key and value scales (L, H_kv, 1, D) float32 (``kvp.compact``):
+            the chunk is dequantized on the way in, exactly as ``kvp.compact.dequantize``.
     """
-
-    table: torch.Tensor
-    n_rows: int
-    grid: tuple[int, int]
-    tensors: tuple
-    options: dict
-
-    def __call__(self) -> None:
-        cos, sin, keys, values, stored = self.tensors[:5]
-        n_heads, capacity, head_dim = keys.shape[1], keys.shape[2], keys.shape[3]
-        _compiled(_assemble_kernel, keys.device.type != "cuda")[self.grid](
-            self.table, self.n_rows, cos, sin, keys, values, stored, n_heads,
-            capacity * head_dim, **self.options)
-
-    @classmethod
-    def prepare(cls, keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV],
-                slots: list[int], offsets: list[int], cos: torch.Tensor, sin: torch.Tensor,
-                rotate: bool = True, scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-                ) -> Assembly:
-        """The launch that writes each chunk into ``keys``/``values`` at its slot, its keys
-        rotated by its offset. A chunk whose keys and values do not share strides is copied
-        contiguous first, and the launch reads that copy.
-
-        Args:
-            keys, values: the buffer, (L, H_kv, C, D) contiguous (a layer range of a larger buffer
-                is such a tensor too: ``buf.keys[l:l + 1]``).
-            chunks: ChunkKV with keys/values (L, H_kv, S_i, D) on the buffer's device, all of one
-                dtype: the buffer's, or fp8 / int8 with ``scales`` (any strides whose last dim is
-                contiguous, keys and values alike: e.g. sliced packets).
-            slots: start slot of each chunk in the buffer; offsets: the rotation of each
-                (positions).
-            cos, sin: (P, D) float32 tables, row Δ the rotation by Δ
-                (``kvp.rope.rotation_table``).
-            rotate: False copies the keys unrotated (to time what rotation adds).
-            scales: per chunk, its key and value scales (L, H_kv, 1, D) float32 (``kvp.compact``):
-                the chunk is dequantized on the way in, exactly as ``kvp.compact.dequantize``.
-        """
-        n_layers, n_heads, capacity, head_dim = keys.shape
-        if not (keys.is_contiguous() and values.is_contiguous() and keys.shape == values.shape):
-            raise ValueError("the buffer's keys and values must be contiguous tensors of one shape")
-        if cos.shape[-1] != head_dim or head_dim % 2:
-            raise ValueError(f"rotation tables of width {cos.shape[-1]} for head dim {head_dim}: "
-                             "the one-launch kernel needs a full, even rotary dim; use fused=False")
-        if max(offsets) >= len(cos):
-            raise ValueError(f"offset {max(offsets)} is past the rotation table ({len(cos)} rows)")
-        if scales is not None and len(scales) != len(chunks):
-            raise ValueError(f"{len(scales)} scale pairs for {len(chunks)} chunks: give one per "
-                             "chunk")
-        stored = chunks[0].keys.dtype if scales is not None else keys.dtype
-        rows, blocks, sources = [], [], []
-        for i, (chunk, slot, offset) in enumerate(zip(chunks, slots, offsets)):
-            k, v = chunk.keys, chunk.values
-            if k.dtype != stored or v.dtype != stored or k.device != keys.device:
-                raise ValueError(f"chunk {i} is {k.dtype} on {k.device}; this launch needs "
-                                 f"{stored} on {keys.device} (the buffer's dtype, or one compact dtype with "
-                                 "scales): encode packets with the buffer's model")
-            if k.shape[0] != n_layers:
-                raise ValueError(f"chunk {i} has {k.shape[0]} layers, the buffer {n_layers}")
+    n_layers, n_heads, capacity, head_dim = keys.shape
+    if not (keys.is_contiguous() and values.is_contiguous() and keys.shape == values.shape):
+        raise ValueError("the buffer's keys and values must be contiguous tensors of one shape")
+    if cos.shape[-1] != head_dim or head_dim % 2:
+        raise ValueError(f"rotation tables of width {cos.shape[-1]} for head dim {head_dim}: the "
+                         "one-launch kernel needs a full, even rotary dim; use fused=False")
+    if max(offsets) >= len(cos):
+        raise ValueError(f"offset {max(offsets)} is past the rotation table ({len(cos)} rows)")
+    if scales is not None and len(scales) != len(chunks):
+        raise ValueError(f"{len(scales)} scale pairs for {len(chunks)} chunks: give one per chunk")
+    stored = chunks[0].keys.dtype if scales is not None else keys.dtype
+    rows, blocks, sources = [], [], []
+    for i, (chunk, slot, offset) in enumerate(zip(chunks, slots, offsets)):
+        k, v = chunk.keys, chunk.values
+        if k.dtype != stored or v.dtype != stored or k.device != keys.device:
+            raise ValueError(f"chunk {i} is {k.dtype} on {k.device}; this launch needs {stored} "
+                             f"on {keys.device} (the buffer's dtype, or one compact dtype with "
+                             "scales): encode packets with the buffer's model")
+        if k.shape[0] != n_layers:
+            raise ValueError(f"chunk {i} has {k.shape[0]} layers, the buffer {n_layers}")
+        stride = _strides(k)
+        if stride is None or _strides(v) != stride:
+            k, v = k.contiguous(), v.contiguous()
             stride = _strides(k)
-            if stride is None or _strides(v) != stride:
-                k, v = k.contiguous(), v.contiguous()
-                stride = _strides(k)
-            if slot + chunk.length > capacity:
-                raise ValueError(f"chunk {i} ends at slot {slot + chunk.length}, past the buffer's "
-                                 f"capacity {capacity}")
-            pair = [0, 0]
-            if scales is not None:
-                pair = [s.contiguous() for s in scales[i]]
-                if any(s.shape != (n_layers, n_heads, 1, head_dim) or s.dtype != torch.float32
-                       or s.device != keys.device for s in pair):
-                    shape = (n_layers, n_heads, 1, head_dim)
-                    raise ValueError(f"chunk {i}: scales must be float32 {shape} on {keys.device}")
-                sources += pair
-                pair = [s.data_ptr() for s in pair]
-            rows += [k.data_ptr(), v.data_ptr(), chunk.length, slot, *stride, offset, *pair]  # 10
-            sources += [k, v]  # alive until the launch (a contiguous copy is only referenced here)
-            blocks += [x for t0 in range(0, chunk.length, BLOCK_T) for x in (i, t0)]
-        device = keys.device
-        pin = device.type == "cuda"  # one small host → device copy that does not wait for the GPU
-        table = torch.tensor(rows + blocks, dtype=torch.int64, pin_memory=pin).to(
-            device, non_blocking=True)
-        options = dict(HEAD_DIM=head_dim, HALF=head_dim // 2, D_P2=_pow2(head_dim), BLOCK=BLOCK_T,
-                       ROTATE=rotate, SCALED=scales is not None,
-                       **({"enable_fp_fusion": False} if device.type == "cuda" else {}))
-        return cls(table, len(rows), (len(blocks) // 2, n_layers),
-                   (cos, sin, keys, values, chunks[0].keys, *sources), options)
+        if slot + chunk.length > capacity:
+            raise ValueError(f"chunk {i} ends at slot {slot + chunk.length}, past the buffer's "
+                             f"capacity {capacity}")
+        pair = [0, 0]
+        if scales is not None:
+            pair = [s.contiguous() for s in scales[i]]
+            if any(s.shape != (n_layers, n_heads, 1, head_dim) or s.dtype != torch.float32
+                   or s.device != keys.device for s in pair):
+                raise ValueError(f"chunk {i}: scales must be float32 {(n_layers, n_heads, 1, head_dim)}"
+                                 f" on {keys.device}")
+            sources += pair
+            pair = [s.data_ptr() for s in pair]
+        rows += [k.data_ptr(), v.data_ptr(), chunk.length, slot, *stride, offset, *pair]  # 10
+        sources += [k, v]  # alive until the launch (a contiguous copy is only referenced here)
+        blocks += [x for t0 in range(0, chunk.length, BLOCK_T) for x in (i, t0)]
+    device = keys.device
+    pin = device.type == "cuda"  # one small host → device copy that does not wait for the GPU
+    table = torch.tensor(rows + blocks, dtype=torch.int64, pin_memory=pin).to(device, non_blocking=True)
+    grid = (len(blocks) // 2, n_layers)
+    _compiled(_assemble_kernel, device.type != "cuda")[grid](
+        table, len(rows), cos, sin, keys, values, chunks[0].keys, n_heads, capacity * head_dim,
+        HEAD_DIM=head_dim, HALF=head_dim // 2, D_P2=_pow2(head_dim), BLOCK=BLOCK_T, ROTATE=rotate,
+        SCALED=scales is not None, **({"enable_fp_fusion": False} if device.type == "cuda" else {}))
 
 
 @cache

@@ -35,7 +35,6 @@ Decoding can continue from the buffer: ``kvp.cache.to_cache(buf.keys[..., :n, :]
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -225,8 +224,14 @@ def write_chunks(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV]
     their slots, keys re-rotated by their offsets, compact chunks (``scales[i]`` their key and
     value scales) dequantized. ``fused``: one Triton launch per chunk dtype; else eager ops."""
     if fused:
-        for launch in assemblies(keys, values, chunks, scales, slots, offsets, cos, sin):
-            launch()
+        groups: dict[torch.dtype, list[int]] = {}
+        for i, chunk in enumerate(chunks):
+            groups.setdefault(chunk.keys.dtype, []).append(i)
+        for members in groups.values():
+            compact = scales[members[0]] is not None
+            kernels.assemble(keys, values, [chunks[i] for i in members], [slots[i] for i in members],
+                             [offsets[i] for i in members], cos, sin,
+                             scales=[scales[i] for i in members] if compact else None)
         return
     for chunk, scale, slot, offset in zip(chunks, scales, slots, offsets):
         k, v = chunk.keys, chunk.values
@@ -235,21 +240,6 @@ def write_chunks(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV]
         end = slot + chunk.length  # one batched rotation over all layers and heads of this chunk
         keys[:, :, slot:end] = apply_rotation(k, cos[offset], sin[offset])
         values[:, :, slot:end].copy_(v)
-
-
-def assemblies(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV],
-               scales: list[tuple[torch.Tensor, torch.Tensor] | None], slots: list[int],
-               offsets: list[int], cos: torch.Tensor, sin: torch.Tensor) -> list[kernels.Assembly]:
-    """``write_chunks(..., fused=True)`` as prepared launches, one per chunk dtype (arguments as
-    there): each call of one writes its chunks again, reading them at the same addresses."""
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, chunk in enumerate(chunks):
-        groups.setdefault(chunk.keys.dtype, []).append(i)
-    return [kernels.Assembly.prepare(
-                keys, values, [chunks[i] for i in members], [slots[i] for i in members],
-                [offsets[i] for i in members], cos, sin,
-                scales=[scales[i] for i in members] if scales[members[0]] is not None else None)
-            for members in groups.values()]
 
 
 def _layout(model, buf: KVBuffer, preamble: ChunkKV, packets: list[Packet]):
@@ -587,9 +577,8 @@ class PipelinedGraph:
     waits on layer l's event right before assembling layer l. The staging therefore holds every
     layer (no ring: a graph cannot hand slots back to copies the host issues), i.e. the packets'
     bytes on the device, in their stored dtype. Packets must be in page-locked host memory (the
-    host tier); disk packets go through ``pipelined_query``. With ``fused`` the assembly inside the
-    graph is the Triton kernel, one launch per layer whose table (``kernels.Assembly``) is built
-    before the capture; otherwise the eager re-rotation, a few kernels per packet and layer.
+    host tier); disk packets go through ``pipelined_query``. The assembly inside the graph uses the
+    eager re-rotation (same maths as the Triton one).
 
     ``layers_per_copy``: layers of a packet moved by one host → device copy (see ``_Transfer``).
     With 1, the host issues two copies per packet and layer before the replay can start (512
@@ -620,22 +609,16 @@ class PipelinedGraph:
         view = _Transfer(self.staging, packets, n_layers, self.arrived,
                          layers_per_copy)  # the staging's layer views
         at, by = slots[1:], offsets[1:]
-        # One launch list per layer (and the preamble's): with fused, Triton launches whose tables
-        # name the staging's fixed slots, prepared here since a table's copy cannot be captured.
-        launches = [self._launches(buf.keys, buf.values, [preamble], [None], slots[:1],
-                                   offsets[:1], cos, sin, fused)]
-        for layer in range(n_layers):
-            launches.append(self._launches(buf.keys[layer:layer + 1], buf.values[layer:layer + 1],
-                                           *view.chunks(layer), at, by, cos, sin, fused))
 
         def step() -> torch.Tensor:
-            for launch in launches[0]:
-                launch()
+            write_chunks(buf.keys, buf.values, [preamble], [None], slots[:1], offsets[:1], cos, sin,
+                         False)
 
             def before(layer: int) -> None:
                 torch.cuda.current_stream().wait_event(self.arrived[layer])
-                for launch in launches[1 + layer]:
-                    launch()
+                layer_chunks, scales = view.chunks(layer)
+                write_chunks(buf.keys[layer:layer + 1], buf.values[layer:layer + 1], layer_chunks,
+                             scales, at, by, cos, sin, False)
 
             return prompt_step(model, buf, n_cached, self.ids, positions, fused, projections, before)
 
@@ -650,15 +633,6 @@ class PipelinedGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = step()
-
-    @staticmethod
-    def _launches(keys, values, chunks, scales, slots, offsets, cos, sin, fused: bool
-                  ) -> list[Callable[[], None]]:
-        """``write_chunks`` of these arguments as calls to capture (fused: prepared launches)."""
-        if fused:
-            return assemblies(keys, values, chunks, scales, slots, offsets, cos, sin)
-        return [functools.partial(write_chunks, keys, values, chunks, scales, slots, offsets, cos,
-                                  sin, False)]
 
     def _issue(self, packets: list[Packet]) -> None:
         """Every layer of ``packets`` onto the staging (after the last step has read it)."""
