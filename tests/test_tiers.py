@@ -17,8 +17,8 @@ from kvp.compact import dequantize, quantize
 from kvp.methods import get_method, make_context
 from kvp.models import load_model
 from kvp.packet import PacketStore, PacketWrapper, assemble, build_packet
-from kvp.query_step import (KVBuffer, PipelinedGraph, Staging, _Transfer, assemble_into,
-                            fast_query, pipelined_query)
+from kvp.query_step import (KVBuffer, PipelinedGraph, StagedAssembly, Staging, _layout,
+                            _Transfer, assemble_into, fast_query, pipelined_query, write_chunks)
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="Triton is not installed (no wheels for this platform)")
@@ -166,6 +166,37 @@ def test_transfer_lands_every_layer_of_every_packet_in_its_slot(smollm, wrapper,
         with pytest.raises(ValueError, match=f"needs a staging of all {n_layers} layers"):
             _Transfer(Staging.allocate(model, packets, depth=2), packets, n_layers,
                       layers_per_copy=layers_per_copy)
+
+
+@pytest.mark.parametrize("packet_dtype", ["model", "fp8", "int8"])
+def test_staged_assembly_is_the_assembly_of_each_staged_packet(smollm, wrapper, tmp_path,
+                                                              packet_dtype):
+    """The host-tier graph's assembly (one batch of ops per layer for every packet) writes, bit
+    for bit, what ``write_chunks`` writes chunk by chunk from the same staging slots (re-rotated
+    to each packet's offset, compact packets dequantized), and nothing else."""
+    model = smollm.model
+    ctx, packets = query(smollm, store_of(smollm, tmp_path, ("host",), packet_dtype), wrapper)
+    n_layers = model.config.num_hidden_layers
+    n = ctx.n_preamble + sum(p.length for p in packets)
+    got, want = KVBuffer.allocate(model, n + 2), KVBuffer.allocate(model, n + 2)
+    for buf in (got, want):
+        buf.keys.fill_(7.0)
+        buf.values.fill_(7.0)
+    _, slots, offsets, *_, cos, sin = _layout(model, got, ctx.preamble_kv, packets)
+    staging = Staging.allocate(model, packets, depth=4)  # a ring: slot l % 4 holds layer l
+    transfer = _Transfer(staging, packets, n_layers)
+    transfer.start()
+    staged = StagedAssembly.build(staging, got, slots[1:], offsets[1:], cos, sin)
+    assert len(set(offsets[1:])) == len(packets) > 1  # every packet its own rotation
+    for layer in range(n_layers):
+        transfer.wait(layer)
+        staged(staging, got, layer)
+        chunks, scales = transfer.chunks(layer)
+        write_chunks(want.keys[layer:layer + 1], want.values[layer:layer + 1], chunks, scales,
+                     slots[1:], offsets[1:], cos, sin, fused=False)
+        transfer.release(layer)
+    assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+    assert (got.keys[:, :, :ctx.n_preamble] == 7).all() and (got.keys[:, :, n:] == 7).all()
 
 
 @needs_triton

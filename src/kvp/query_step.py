@@ -410,6 +410,57 @@ class Staging:
         return ring[slot, self.at[j]:self.at[j] + math.prod(shape)].view(shape)
 
 
+@dataclass(frozen=True)
+class StagedAssembly:
+    """Layer l of every staged packet into the buffer in one batch of eager ops (dequantized,
+    re-rotated, scattered to its slots), instead of a few ops per packet and layer: the
+    assembly inside ``PipelinedGraph``, where each op is a captured kernel. Exactly
+    ``write_chunks(..., fused=False)`` of the staged chunks (same element-wise maths).
+
+    A staging slot holds the packets' (1, H_kv, S_j, D) layers back to back, i.e. R = Σ_j H_kv·S_j
+    rows of D values ordered (packet, head, token). ``rows`` (R,) long: each row's row in a
+    buffer layer viewed as (H_kv·C, D); ``cos``/``sin`` (R, rot) float32: its packet's rotation;
+    ``scale_rows`` (R,) long: packet·H_kv + head, its scale row (compact packets), else None.
+    """
+
+    rows: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    scale_rows: torch.Tensor | None
+
+    @classmethod
+    def build(cls, staging: Staging, buf: KVBuffer, slots: list[int], offsets: list[int],
+              cos: torch.Tensor, sin: torch.Tensor) -> StagedAssembly:
+        """For the staging's packets at buffer ``slots``, rotated by ``offsets`` (one each);
+        cos/sin (P, rot) the rotation table (``kvp.rope.rotation_table``)."""
+        device, capacity = buf.keys.device, buf.capacity
+        rows, row_cos, row_sin, scale_rows = [], [], [], []
+        for j, ((_, heads, length, _), slot, offset) in enumerate(zip(staging.shapes, slots,
+                                                                     offsets, strict=True)):
+            head = torch.arange(heads, device=device).repeat_interleave(length)  # (H·S_j,)
+            token = torch.arange(length, device=device).repeat(heads)
+            rows.append(head * capacity + slot + token)
+            row_cos.append(cos[offset].expand(heads * length, -1))
+            row_sin.append(sin[offset].expand(heads * length, -1))
+            scale_rows.append(j * heads + head)
+        compact = staging.scales is not None
+        return cls(torch.cat(rows), torch.cat(row_cos), torch.cat(row_sin),
+                   torch.cat(scale_rows) if compact else None)
+
+    def __call__(self, staging: Staging, buf: KVBuffer, layer: int) -> None:
+        """Write layer ``layer`` of the staged packets (ring slot ``layer % depth``) into ``buf``."""
+        dim, slot, dtype = buf.keys.shape[-1], layer % staging.depth, buf.keys.dtype
+        keys, values = staging.keys[slot].view(-1, dim), staging.values[slot].view(-1, dim)
+        if self.scale_rows is not None:
+            key_scale = torch.cat([k[layer, :, 0] for k, _ in staging.scales])  # (J·H_kv, D)
+            value_scale = torch.cat([v[layer, :, 0] for _, v in staging.scales])
+            keys = dequantize(keys, key_scale[self.scale_rows], dtype)
+            values = dequantize(values, value_scale[self.scale_rows], dtype)
+        buf.keys[layer].view(-1, dim).index_copy_(0, self.rows,
+                                                  apply_rotation(keys, self.cos, self.sin))
+        buf.values[layer].view(-1, dim).index_copy_(0, self.rows, values.to(dtype))
+
+
 class _Transfer:
     """Layer l of every packet onto the device, ``staging.depth`` layers ahead of the compute:
     on CUDA on a side stream, each layer's arrival and release marked by events; elsewhere the
@@ -577,8 +628,9 @@ class PipelinedGraph:
     waits on layer l's event right before assembling layer l. The staging therefore holds every
     layer (no ring: a graph cannot hand slots back to copies the host issues), i.e. the packets'
     bytes on the device, in their stored dtype. Packets must be in page-locked host memory (the
-    host tier); disk packets go through ``pipelined_query``. The assembly inside the graph uses the
-    eager re-rotation (same maths as the Triton one).
+    host tier); disk packets go through ``pipelined_query``. The assembly inside the graph is
+    ``StagedAssembly``: one batch of eager ops per layer for all packets (same maths as the
+    Triton kernel).
 
     ``layers_per_copy``: layers of a packet moved by one host → device copy (see ``_Transfer``).
     With 1, the host issues two copies per packet and layer before the replay can start (512
@@ -605,10 +657,8 @@ class PipelinedGraph:
         self.ids = torch.zeros(prompt_len, dtype=torch.long, device=buf.keys.device)
         positions = prompt_positions(model, start, prompt_len)
         # Everything the graph reads stays referenced: freed, its memory would be reused.
-        self._read = (buf, preamble, positions, cos, sin)
-        view = _Transfer(self.staging, packets, n_layers, self.arrived,
-                         layers_per_copy)  # the staging's layer views
-        at, by = slots[1:], offsets[1:]
+        staged = StagedAssembly.build(self.staging, buf, slots[1:], offsets[1:], cos, sin)
+        self._read = (buf, preamble, positions, cos, sin, staged)
 
         def step() -> torch.Tensor:
             write_chunks(buf.keys, buf.values, [preamble], [None], slots[:1], offsets[:1], cos, sin,
@@ -616,9 +666,7 @@ class PipelinedGraph:
 
             def before(layer: int) -> None:
                 torch.cuda.current_stream().wait_event(self.arrived[layer])
-                layer_chunks, scales = view.chunks(layer)
-                write_chunks(buf.keys[layer:layer + 1], buf.values[layer:layer + 1], layer_chunks,
-                             scales, at, by, cos, sin, False)
+                staged(self.staging, buf, layer)
 
             return prompt_step(model, buf, n_cached, self.ids, positions, fused, projections, before)
 
