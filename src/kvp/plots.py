@@ -523,7 +523,7 @@ def plot_compression(sweep: pd.DataFrame, baselines: pd.DataFrame | None = None)
     for ax in list(axes.flat)[len(presses):]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3), frameon=False)
+    fig.legend(handles, labels, loc="outside right upper", frameon=False)
     if "n" in sweep:
         fig.suptitle(f"F1 under KV compression, N = {int(sweep['n'].max())} samples", fontsize=12)
     return fig
