@@ -421,6 +421,8 @@ class StagedAssembly:
     rows of D values ordered (packet, head, token). ``rows`` (R,) long: each row's row in a
     buffer layer viewed as (H_kv·C, D); ``cos``/``sin`` (R, rot) float32: its packet's rotation;
     ``scale_rows`` (R,) long: packet·H_kv + head, its scale row (compact packets), else None.
+    The per-row tables cost 2·R·rot·4 bytes on the device (64 MiB for 8K packet tokens of 8 KV
+    heads with rot = 128), and each layer reads them once.
     """
 
     rows: torch.Tensor
