@@ -49,3 +49,19 @@ def test_shipped_adapters_were_selected_on_validation(model, dataset):
         assert 1 <= record["best_step"] <= record["steps"]
         assert record["best_val_loss"] <= record["final_val_loss"]
         assert record["teacher_truncated"] < 0.05
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
+def test_an_in_domain_reference_trains_like_its_general_wrapper_on_its_own_kind(model):
+    """The in-domain reference of ``general-products`` differs from it only in its data: all of
+    its samples are product sheets of the train split, whose products the test never names."""
+    from kvp.data import load_dataset
+    from kvp.train import training_samples
+
+    general, own = recipe(model, "general-products"), recipe(model, "products")
+    differ = {k for k, v in own.to_dict().items() if general.to_dict()[k] != v}
+    assert differ == {"dataset", "dataset_options"}
+    train = training_samples(own)
+    assert len(train) == own.n_samples and {s.meta["dataset"] for s in train} == {"products"}
+    tested = {n for s in load_dataset("products", "test", n=200, seed=42) for n in s.meta["names"]}
+    assert not tested & {n for s in train for n in s.meta["names"]}
