@@ -410,57 +410,75 @@ class Staging:
         return ring[slot, self.at[j]:self.at[j] + math.prod(shape)].view(shape)
 
 
+def stage_rows(keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               packet: torch.Tensor, key_scales: tuple[torch.Tensor, ...] | None,
+               value_scales: tuple[torch.Tensor, ...] | None, scale_rows: torch.Tensor | None,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Staged rows (R, D) of keys and values, dequantized and keys re-rotated, in ``dtype``.
+
+    cos/sin (J, rot) float32: each packet's rotation; ``packet`` (R,) long: each row's packet;
+    ``key_scales``/``value_scales``: each packet's (H_kv, D) scales of this layer and
+    ``scale_rows`` (R,) long (packet·H_kv + head) their row of the stacked scales, or None (no
+    compact packets). The maths of ``write_chunks(..., fused=False)``; compiled (``kernel``), the
+    gathers are fused into one pass over the rows instead of materialised tables.
+    """
+    if scale_rows is not None:
+        keys = dequantize(keys, torch.cat(key_scales)[scale_rows], dtype)
+        values = dequantize(values, torch.cat(value_scales)[scale_rows], dtype)
+    return apply_rotation(keys, cos[packet], sin[packet]), values.to(dtype)
+
+
 @dataclass(frozen=True)
 class StagedAssembly:
-    """Layer l of every staged packet into the buffer in one batch of eager ops (dequantized,
+    """Layer l of every staged packet into the buffer in one batch of ops (dequantized,
     re-rotated, scattered to its slots), instead of a few ops per packet and layer: the
     assembly inside ``PipelinedGraph``, where each op is a captured kernel. Exactly
-    ``write_chunks(..., fused=False)`` of the staged chunks (same element-wise maths).
+    ``write_chunks(..., fused=False)`` of the staged chunks (same element-wise maths); with
+    ``fused`` the element-wise part (``stage_rows``) is one compiled kernel per layer.
 
     A staging slot holds the packets' (1, H_kv, S_j, D) layers back to back, i.e. R = Σ_j H_kv·S_j
     rows of D values ordered (packet, head, token). ``rows`` (R,) long: each row's row in a
-    buffer layer viewed as (H_kv·C, D); ``cos``/``sin`` (R, rot) float32: its packet's rotation;
-    ``scale_rows`` (R,) long: packet·H_kv + head, its scale row (compact packets), else None.
-    The per-row tables cost 2·R·rot·4 bytes on the device (64 MiB for 8K packet tokens of 8 KV
-    heads with rot = 128), and each layer reads them once.
+    buffer layer viewed as (H_kv·C, D); ``packet`` (R,) long: its packet j; ``cos``/``sin``
+    (J, rot) float32: packet j's rotation; ``scale_rows`` (R,) long: packet·H_kv + head, its scale
+    row (compact packets), else None.
     """
 
     rows: torch.Tensor
+    packet: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
     scale_rows: torch.Tensor | None
+    fused: bool = False
 
     @classmethod
     def build(cls, staging: Staging, buf: KVBuffer, slots: list[int], offsets: list[int],
-              cos: torch.Tensor, sin: torch.Tensor) -> StagedAssembly:
+              cos: torch.Tensor, sin: torch.Tensor, fused: bool = False) -> StagedAssembly:
         """For the staging's packets at buffer ``slots``, rotated by ``offsets`` (one each);
         cos/sin (P, rot) the rotation table (``kvp.rope.rotation_table``)."""
         device, capacity = buf.keys.device, buf.capacity
-        rows, row_cos, row_sin, scale_rows = [], [], [], []
-        for j, ((_, heads, length, _), slot, offset) in enumerate(zip(staging.shapes, slots,
-                                                                     offsets, strict=True)):
+        rows, packet, scale_rows = [], [], []
+        for j, ((_, heads, length, _), slot) in enumerate(zip(staging.shapes, slots, strict=True)):
             head = torch.arange(heads, device=device).repeat_interleave(length)  # (H·S_j,)
             token = torch.arange(length, device=device).repeat(heads)
             rows.append(head * capacity + slot + token)
-            row_cos.append(cos[offset].expand(heads * length, -1))
-            row_sin.append(sin[offset].expand(heads * length, -1))
+            packet.append(torch.full_like(head, j))
             scale_rows.append(j * heads + head)
+        by = torch.tensor(offsets, device=device)
         compact = staging.scales is not None
-        return cls(torch.cat(rows), torch.cat(row_cos), torch.cat(row_sin),
-                   torch.cat(scale_rows) if compact else None)
+        return cls(torch.cat(rows), torch.cat(packet), cos[by], sin[by],
+                   torch.cat(scale_rows) if compact else None, fused)
 
     def __call__(self, staging: Staging, buf: KVBuffer, layer: int) -> None:
         """Write layer ``layer`` of the staged packets (ring slot ``layer % depth``) into ``buf``."""
-        dim, slot, dtype = buf.keys.shape[-1], layer % staging.depth, buf.keys.dtype
-        keys, values = staging.keys[slot].view(-1, dim), staging.values[slot].view(-1, dim)
+        dim, slot = buf.keys.shape[-1], layer % staging.depth
+        scales = (None, None)
         if self.scale_rows is not None:
-            key_scale = torch.cat([k[layer, :, 0] for k, _ in staging.scales])  # (J·H_kv, D)
-            value_scale = torch.cat([v[layer, :, 0] for _, v in staging.scales])
-            keys = dequantize(keys, key_scale[self.scale_rows], dtype)
-            values = dequantize(values, value_scale[self.scale_rows], dtype)
-        buf.keys[layer].view(-1, dim).index_copy_(0, self.rows,
-                                                  apply_rotation(keys, self.cos, self.sin))
-        buf.values[layer].view(-1, dim).index_copy_(0, self.rows, values.to(dtype))
+            scales = tuple(tuple(s[layer, :, 0] for s in per) for per in zip(*staging.scales))
+        keys, values = kernel(stage_rows, self.fused)(
+            staging.keys[slot].view(-1, dim), staging.values[slot].view(-1, dim), self.cos,
+            self.sin, self.packet, *scales, self.scale_rows, buf.keys.dtype)
+        buf.keys[layer].view(-1, dim).index_copy_(0, self.rows, keys)
+        buf.values[layer].view(-1, dim).index_copy_(0, self.rows, values)
 
 
 class _Transfer:
@@ -631,8 +649,8 @@ class PipelinedGraph:
     layer (no ring: a graph cannot hand slots back to copies the host issues), i.e. the packets'
     bytes on the device, in their stored dtype. Packets must be in page-locked host memory (the
     host tier); disk packets go through ``pipelined_query``. The assembly inside the graph is
-    ``StagedAssembly``: one batch of eager ops per layer for all packets (same maths as the
-    Triton kernel).
+    ``StagedAssembly``: one batch of ops per layer for all packets (same maths as the Triton
+    kernel), its element-wise part one compiled kernel per layer when ``fused``.
 
     ``layers_per_copy``: layers of a packet moved by one host → device copy (see ``_Transfer``).
     With 1, the host issues two copies per packet and layer before the replay can start (512
@@ -659,7 +677,7 @@ class PipelinedGraph:
         self.ids = torch.zeros(prompt_len, dtype=torch.long, device=buf.keys.device)
         positions = prompt_positions(model, start, prompt_len)
         # Everything the graph reads stays referenced: freed, its memory would be reused.
-        staged = StagedAssembly.build(self.staging, buf, slots[1:], offsets[1:], cos, sin)
+        staged = StagedAssembly.build(self.staging, buf, slots[1:], offsets[1:], cos, sin, fused)
         self._read = (buf, preamble, positions, cos, sin, staged)
 
         def step() -> torch.Tensor:
