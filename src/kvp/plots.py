@@ -596,6 +596,7 @@ def plot_latency_grid(bench: pd.DataFrame) -> plt.Figure:
 
 
 TIER_COLORS = {"gpu": "#1b9e77", "host": "#7570b3", "disk": "#d95f02"}
+GRAPH_MARKERS = {1: "s", 2: "v", 4: "^", 8: "<", 16: ">", 32: "D"}  # layers per host -> device copy
 
 
 def plot_tier_latency(bench: pd.DataFrame) -> plt.Figure:
@@ -610,7 +611,7 @@ def plot_tier_latency(bench: pd.DataFrame) -> plt.Figure:
     sources = list(dict.fromkeys(zip(lines["device"], lines["model"])))
     if not sources:
         raise ValueError("no KV Packet rows measured: nothing to plot (run kvp.bench with --tiers)")
-    fig, axes = plt.subplots(1, len(sources), figsize=(7.5 * len(sources), 5), squeeze=False,
+    fig, axes = plt.subplots(1, len(sources), figsize=(12 * len(sources), 5), squeeze=False,
                              layout="constrained")
     for ax, (device, model) in zip(axes[0], sources):
         mine = lines[(lines["device"] == device) & (lines["model"] == model)]
@@ -628,8 +629,12 @@ def plot_tier_latency(bench: pd.DataFrame) -> plt.Figure:
             cross = crossover_tokens(g.set_index("context_tokens")["ttft_ms"], full_ms)
             note = ("beats recompute at every length" if cross == 0 else "never beats recompute"
                     if cross == float("inf") else f"beats recompute above {cross:,.0f} tokens")
-            graph = line.endswith(" graph")  # the host step as one CUDA graph: square markers
-            ax.plot(g["context_tokens"], g["ttft_ms"], color=color, marker="s" if graph else "o",
+            # the host step as one CUDA graph: square markers, one shape per layers_per_copy
+            graph = " graph" in line
+            per_copy = re.search(r"layers_per_copy=(\d+)", line)
+            marker = (GRAPH_MARKERS.get(int(per_copy.group(1)) if per_copy else 1, "P")
+                      if graph else "o")
+            ax.plot(g["context_tokens"], g["ttft_ms"], color=color, marker=marker,
                     ms=5 if graph else 4, lw=2 if graph else 1.5, ls="--" if compact else "-",
                     label=f"KV Packet, {line} ({note})")
             ax.plot(g["context_tokens"], g["floor_ms"], color=color, ls=":", lw=1)
@@ -640,7 +645,7 @@ def plot_tier_latency(bench: pd.DataFrame) -> plt.Figure:
         ax.set_xticks(sorted(mine["context_tokens"].unique()))
         ax.xaxis.set_minor_locator(NullLocator())
         _plain_log_labels(ax, "both")
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig
 
 
