@@ -331,6 +331,12 @@ def test_each_layers_per_copy_of_the_host_graph_is_a_line_of_its_own():
     assert {"host bf16 graph", "host bf16 graph layers_per_copy=8", "host fp8 graph",
             "host fp8 graph layers_per_copy=8"} <= set(host.index)
     assert host["host bf16 graph layers_per_copy=8"] == pytest.approx(host["host bf16 graph"] / 2)
+    # the compiled assembly (--host-graph-compiled) is a line of its own too
+    assert copy_setting(1, True) == "compiled" and copy_setting(8, True) == "layers_per_copy=8,compiled"
+    compiled = graph.assign(setting=copy_setting(8, True))
+    lines = tier_lines(pd.concat([df, grouped, compiled], ignore_index=True))
+    assert {"host bf16 graph layers_per_copy=8", "host bf16 graph layers_per_copy=8,compiled"} <= set(
+        lines["line"])
 
 
 def test_crossover_is_where_reuse_starts_to_beat_recompute():

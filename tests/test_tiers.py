@@ -289,12 +289,15 @@ def test_pipelined_graph_refuses_a_cpu_buffer(smollm, wrapper, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("compile_assembly", [False, True])
 @pytest.mark.parametrize("layers_per_copy", [1, 2])
 @pytest.mark.parametrize("packet_dtype", ["model", "fp8"])
-def test_pipelined_graph_is_the_resident_query_for_every_packet_set(packet_dtype, layers_per_copy):
+def test_pipelined_graph_is_the_resident_query_for_every_packet_set(packet_dtype, layers_per_copy,
+                                                                    compile_assembly):
     """One captured graph, replayed for two packet sets of the same shapes from pinned host
     memory, gives each set's resident logits (the copies follow the new addresses), with one
-    copy per layer or per group of layers (2 does not divide the 3 layers)."""
+    copy per layer or per group of layers (2 does not divide the 3 layers), the assembly eager
+    or compiled."""
     from kvp.bench import IdTokenizer
 
     model = load_model("arch:llama-3.1-8b", device="cuda", config_overrides=SMALL_LLAMA)[0]
@@ -317,7 +320,7 @@ def test_pipelined_graph_is_the_resident_query_for_every_packet_set(packet_dtype
         assert hosted[-1][0].kv.keys.is_pinned()
     buf = KVBuffer.allocate(model, n)
     graph = PipelinedGraph(model, buf, ctx.preamble_kv, hosted[0], len(ids), fused=True,
-                           layers_per_copy=layers_per_copy)
+                           layers_per_copy=layers_per_copy, compile_assembly=compile_assembly)
     for k in (1, 0, 1):
         got = graph(hosted[k], ids).clone()
         torch.testing.assert_close(got, wants[k], rtol=1e-3, atol=1e-3)

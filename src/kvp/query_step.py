@@ -650,7 +650,9 @@ class PipelinedGraph:
     bytes on the device, in their stored dtype. Packets must be in page-locked host memory (the
     host tier); disk packets go through ``pipelined_query``. The assembly inside the graph is
     ``StagedAssembly``: one batch of ops per layer for all packets (same maths as the Triton
-    kernel), its element-wise part one compiled kernel per layer when ``fused``.
+    kernel). ``compile_assembly`` compiles its element-wise part into one kernel per layer
+    (``stage_rows``); tested on the CPU against the eager assembly, not yet run on a card, so
+    off by default.
 
     ``layers_per_copy``: layers of a packet moved by one host → device copy (see ``_Transfer``).
     With 1, the host issues two copies per packet and layer before the replay can start (512
@@ -661,7 +663,7 @@ class PipelinedGraph:
     def __init__(self, model, buf: KVBuffer, preamble: ChunkKV, packets: list[Packet],
                  prompt_len: int, fused: bool = False,
                  projections: FusedProjections | None = None, warmup: int = 2,
-                 layers_per_copy: int = 1):
+                 layers_per_copy: int = 1, compile_assembly: bool = False):
         if buf.keys.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the buffer is on {buf.keys.device}; "
                              "use pipelined_query on other devices")
@@ -677,7 +679,8 @@ class PipelinedGraph:
         self.ids = torch.zeros(prompt_len, dtype=torch.long, device=buf.keys.device)
         positions = prompt_positions(model, start, prompt_len)
         # Everything the graph reads stays referenced: freed, its memory would be reused.
-        staged = StagedAssembly.build(self.staging, buf, slots[1:], offsets[1:], cos, sin, fused)
+        staged = StagedAssembly.build(self.staging, buf, slots[1:], offsets[1:], cos, sin,
+                                      compile_assembly)
         self._read = (buf, preamble, positions, cos, sin, staged)
 
         def step() -> torch.Tensor:
