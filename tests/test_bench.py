@@ -396,3 +396,5 @@ def test_host_graph_on_a_cpu_is_refused_before_any_timing(small_llama, tmp_path)
     cfg = dataclasses.replace(TINY, tiers=("host",), host_graph=True)
     with pytest.raises(ValueError, match=r"--host-graph.*model is on cpu; drop it"):
         bench_model(small_llama, "arch:llama-3.1-8b", cfg, env, log=lambda s: None)
+    with pytest.raises(ValueError, match=r"--host-graph-compiled.*add host_graph=True"):
+        dataclasses.replace(TINY, tiers=("host",), host_graph_compiled=True)

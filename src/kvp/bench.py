@@ -137,6 +137,9 @@ class BenchConfig:
             raise ValueError(f"need repeats >= min_repeats >= 1 and warmup >= 0, got "
                              f"repeats={self.repeats}, min_repeats={self.min_repeats}, "
                              f"warmup={self.warmup}")
+        if self.host_graph_compiled and not self.host_graph:
+            raise ValueError("host_graph_compiled (--host-graph-compiled) times the host graph's "
+                             "compiled assembly: add host_graph=True (--host-graph)")
         smallest = self.preamble_tokens + self.prompt_tokens + max(self.n_docs + (self.n_docs_default,))
         if min(self.context_tokens + (self.n_docs_context,)) < smallest:
             raise ValueError(f"context lengths must leave at least one token per document: the "
