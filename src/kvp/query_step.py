@@ -411,21 +411,24 @@ class Staging:
 
 
 def stage_rows(keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               packet: torch.Tensor, key_scales: tuple[torch.Tensor, ...] | None,
+               packet: torch.Tensor | None, key_scales: tuple[torch.Tensor, ...] | None,
                value_scales: tuple[torch.Tensor, ...] | None, scale_rows: torch.Tensor | None,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Staged rows (R, D) of keys and values, dequantized and keys re-rotated, in ``dtype``.
 
-    cos/sin (J, rot) float32: each packet's rotation; ``packet`` (R,) long: each row's packet;
-    ``key_scales``/``value_scales``: each packet's (H_kv, D) scales of this layer and
-    ``scale_rows`` (R,) long (packet·H_kv + head) their row of the stacked scales, or None (no
-    compact packets). The maths of ``write_chunks(..., fused=False)``; compiled (``kernel``), the
-    gathers are fused into one pass over the rows instead of materialised tables.
+    cos/sin (J, rot) float32: each packet's rotation, ``packet`` (R,) long: each row's packet;
+    or, with ``packet`` None, cos/sin (R, rot): each row's rotation. ``key_scales`` /
+    ``value_scales``: each packet's (H_kv, D) scales of this layer and ``scale_rows`` (R,) long
+    (packet·H_kv + head) their row of the stacked scales, or None (no compact packets). The maths
+    of ``write_chunks(..., fused=False)``; compiled (``kernel``), the gathers are fused into one
+    pass over the rows.
     """
     if scale_rows is not None:
         keys = dequantize(keys, torch.cat(key_scales)[scale_rows], dtype)
         values = dequantize(values, torch.cat(value_scales)[scale_rows], dtype)
-    return apply_rotation(keys, cos[packet], sin[packet]), values.to(dtype)
+    if packet is not None:
+        cos, sin = cos[packet], sin[packet]
+    return apply_rotation(keys, cos, sin), values.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -438,13 +441,15 @@ class StagedAssembly:
 
     A staging slot holds the packets' (1, H_kv, S_j, D) layers back to back, i.e. R = Σ_j H_kv·S_j
     rows of D values ordered (packet, head, token). ``rows`` (R,) long: each row's row in a
-    buffer layer viewed as (H_kv·C, D); ``packet`` (R,) long: its packet j; ``cos``/``sin``
-    (J, rot) float32: packet j's rotation; ``scale_rows`` (R,) long: packet·H_kv + head, its scale
-    row (compact packets), else None.
+    buffer layer viewed as (H_kv·C, D); ``cos``/``sin`` float32: eager, (R, rot) each row's
+    rotation (2·R·rot·4 bytes on the device, 64 MiB for 8K packet tokens of 8 KV heads with
+    rot = 128, each read once a layer); ``fused``, (J, rot) packet j's rotation, with ``packet``
+    (R,) long each row's packet j (gathered inside the compiled kernel); ``scale_rows`` (R,) long:
+    packet·H_kv + head, its scale row (compact packets), else None.
     """
 
     rows: torch.Tensor
-    packet: torch.Tensor
+    packet: torch.Tensor | None
     cos: torch.Tensor
     sin: torch.Tensor
     scale_rows: torch.Tensor | None
@@ -463,10 +468,14 @@ class StagedAssembly:
             rows.append(head * capacity + slot + token)
             packet.append(torch.full_like(head, j))
             scale_rows.append(j * heads + head)
+        packet = torch.cat(packet)
         by = torch.tensor(offsets, device=device)
+        cos, sin = cos[by], sin[by]  # (J, rot)
+        if not fused:  # eager: read per-row tables rather than gather them every layer
+            cos, sin, packet = cos[packet], sin[packet], None
         compact = staging.scales is not None
-        return cls(torch.cat(rows), torch.cat(packet), cos[by], sin[by],
-                   torch.cat(scale_rows) if compact else None, fused)
+        return cls(torch.cat(rows), packet, cos, sin, torch.cat(scale_rows) if compact else None,
+                   fused)
 
     def __call__(self, staging: Staging, buf: KVBuffer, layer: int) -> None:
         """Write layer ``layer`` of the staged packets (ring slot ``layer % depth``) into ``buf``."""
