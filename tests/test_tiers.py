@@ -168,14 +168,14 @@ def test_transfer_lands_every_layer_of_every_packet_in_its_slot(smollm, wrapper,
                       layers_per_copy=layers_per_copy)
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("packet_dtype", ["model", "fp8", "int8"])
 def test_staged_assembly_is_the_assembly_of_each_staged_packet(smollm, wrapper, tmp_path,
-                                                              packet_dtype, fused):
+                                                              packet_dtype, compiled):
     """The host-tier graph's assembly (one batch of ops per layer for every packet) writes, bit
     for bit, what ``write_chunks`` writes chunk by chunk from the same staging slots (re-rotated
-    to each packet's offset, compact packets dequantized), and nothing else; compiled
-    (``fused``), the same values up to fp32 rounding in the rotation."""
+    to each packet's offset, compact packets dequantized), and nothing else; compiled, the same
+    values up to fp32 rounding in the rotation."""
     model = smollm.model
     ctx, packets = query(smollm, store_of(smollm, tmp_path, ("host",), packet_dtype), wrapper)
     n_layers = model.config.num_hidden_layers
@@ -188,7 +188,7 @@ def test_staged_assembly_is_the_assembly_of_each_staged_packet(smollm, wrapper, 
     staging = Staging.allocate(model, packets, depth=4)  # a ring: slot l % 4 holds layer l
     transfer = _Transfer(staging, packets, n_layers)
     transfer.start()
-    staged = StagedAssembly.build(staging, got, slots[1:], offsets[1:], cos, sin, fused)
+    staged = StagedAssembly.build(staging, got, slots[1:], offsets[1:], cos, sin, compiled)
     assert len(set(offsets[1:])) == len(packets) > 1  # every packet its own rotation
     for layer in range(n_layers):
         transfer.wait(layer)
@@ -197,7 +197,7 @@ def test_staged_assembly_is_the_assembly_of_each_staged_packet(smollm, wrapper, 
         write_chunks(want.keys[layer:layer + 1], want.values[layer:layer + 1], chunks, scales,
                      slots[1:], offsets[1:], cos, sin, fused=False)
         transfer.release(layer)
-    if fused:
+    if compiled:
         torch.testing.assert_close(got.keys, want.keys, rtol=1e-5, atol=1e-5)
     else:
         assert torch.equal(got.keys, want.keys)

@@ -437,13 +437,13 @@ class StagedAssembly:
     re-rotated, scattered to its slots), instead of a few ops per packet and layer: the
     assembly inside ``PipelinedGraph``, where each op is a captured kernel. Exactly
     ``write_chunks(..., fused=False)`` of the staged chunks (same element-wise maths); with
-    ``fused`` the element-wise part (``stage_rows``) is one compiled kernel per layer.
+    ``compiled`` the element-wise part (``stage_rows``) is one compiled kernel per layer.
 
     A staging slot holds the packets' (1, H_kv, S_j, D) layers back to back, i.e. R = Σ_j H_kv·S_j
     rows of D values ordered (packet, head, token). ``rows`` (R,) long: each row's row in a
     buffer layer viewed as (H_kv·C, D); ``cos``/``sin`` float32: eager, (R, rot) each row's
     rotation (2·R·rot·4 bytes on the device, 64 MiB for 8K packet tokens of 8 KV heads with
-    rot = 128, each read once a layer); ``fused``, (J, rot) packet j's rotation, with ``packet``
+    rot = 128, each read once a layer); ``compiled``, (J, rot) packet j's rotation, with ``packet``
     (R,) long each row's packet j (gathered inside the compiled kernel); ``scale_rows`` (R,) long:
     packet·H_kv + head, its scale row (compact packets), else None.
     """
@@ -453,11 +453,11 @@ class StagedAssembly:
     cos: torch.Tensor
     sin: torch.Tensor
     scale_rows: torch.Tensor | None
-    fused: bool = False
+    compiled: bool = False
 
     @classmethod
     def build(cls, staging: Staging, buf: KVBuffer, slots: list[int], offsets: list[int],
-              cos: torch.Tensor, sin: torch.Tensor, fused: bool = False) -> StagedAssembly:
+              cos: torch.Tensor, sin: torch.Tensor, compiled: bool = False) -> StagedAssembly:
         """For the staging's packets at buffer ``slots``, rotated by ``offsets`` (one each);
         cos/sin (P, rot) the rotation table (``kvp.rope.rotation_table``)."""
         device, capacity = buf.keys.device, buf.capacity
@@ -471,11 +471,11 @@ class StagedAssembly:
         packet = torch.cat(packet)
         by = torch.tensor(offsets, device=device)
         cos, sin = cos[by], sin[by]  # (J, rot)
-        if not fused:  # eager: read per-row tables rather than gather them every layer
+        if not compiled:  # eager: read per-row tables rather than gather them every layer
             cos, sin, packet = cos[packet], sin[packet], None
         compact = staging.scales is not None
         return cls(torch.cat(rows), packet, cos, sin, torch.cat(scale_rows) if compact else None,
-                   fused)
+                   compiled)
 
     def __call__(self, staging: Staging, buf: KVBuffer, layer: int) -> None:
         """Write layer ``layer`` of the staged packets (ring slot ``layer % depth``) into ``buf``."""
@@ -483,7 +483,7 @@ class StagedAssembly:
         scales = (None, None)
         if self.scale_rows is not None:
             scales = tuple(tuple(s[layer, :, 0] for s in per) for per in zip(*staging.scales))
-        keys, values = kernel(stage_rows, self.fused)(
+        keys, values = kernel(stage_rows, self.compiled)(
             staging.keys[slot].view(-1, dim), staging.values[slot].view(-1, dim), self.cos,
             self.sin, self.packet, *scales, self.scale_rows, buf.keys.dtype)
         buf.keys[layer].view(-1, dim).index_copy_(0, self.rows, keys)
