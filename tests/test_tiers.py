@@ -18,7 +18,8 @@ from kvp.methods import get_method, make_context
 from kvp.models import load_model
 from kvp.packet import PacketStore, PacketWrapper, assemble, build_packet
 from kvp.query_step import (KVBuffer, PipelinedGraph, StagedAssembly, Staging, _layout,
-                            _Transfer, assemble_into, fast_query, pipelined_query, write_chunks)
+                            _Transfer, assemble_into, fast_query, kernel, pipelined_query,
+                            stage_rows, write_chunks)
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="Triton is not installed (no wheels for this platform)")
@@ -203,6 +204,32 @@ def test_staged_assembly_is_the_assembly_of_each_staged_packet(smollm, wrapper, 
         assert torch.equal(got.keys, want.keys)
     assert torch.equal(got.values, want.values)
     assert (got.keys[:, :, :ctx.n_preamble] == 7).all() and (got.keys[:, :, n:] == 7).all()
+
+
+@pytest.mark.parametrize("packet_dtype", ["fp8", "int8"])
+def test_compiled_staged_rows_round_as_eager_in_bf16(smollm, wrapper, tmp_path, packet_dtype):
+    """Into a bf16 buffer, the compiled ``stage_rows`` of compact packets is the eager one bit for
+    bit: the dequantized keys are rounded to bf16 before their rotation, as eagerly. Compiled
+    with the compiler's default casts, which keep them in fp32, it is not."""
+    model = smollm.model
+    ctx, packets = query(smollm, store_of(smollm, tmp_path, ("host",), packet_dtype), wrapper)
+    buf = KVBuffer.allocate(model, ctx.n_preamble + sum(p.length for p in packets))
+    _, _, offsets, *_, cos, sin = _layout(model, buf, ctx.preamble_kv, packets)
+    layer, (heads, dim) = 1, packets[0].kv.keys.shape[1::2]
+    packet = torch.cat([torch.full((heads * p.length,), j) for j, p in enumerate(packets)])
+    args = (torch.cat([p.kv.keys[layer].reshape(-1, dim) for p in packets]),
+            torch.cat([p.kv.values[layer].reshape(-1, dim) for p in packets]),
+            cos[offsets[1:]], sin[offsets[1:]], packet,
+            tuple(p.scales[0][layer, :, 0] for p in packets),
+            tuple(p.scales[1][layer, :, 0] for p in packets),
+            torch.cat([j * heads + torch.arange(heads).repeat_interleave(p.length)
+                       for j, p in enumerate(packets)]), torch.bfloat16)
+    want = stage_rows(*args)
+    got = kernel(stage_rows, True, exact_casts=True)(*args)
+    assert got[0].dtype == torch.bfloat16
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    fp32_kept = torch.compile(stage_rows, dynamic=True, fullgraph=True)(*args)
+    assert not torch.equal(fp32_kept[0], want[0])
 
 
 @needs_triton

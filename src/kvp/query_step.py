@@ -90,17 +90,23 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
-_compiled: dict[Callable, Callable] = {}
+_compiled: dict[tuple[Callable, bool], Callable] = {}
 
 
-def kernel(fn: Callable, fused: bool) -> Callable:
+def kernel(fn: Callable, fused: bool, exact_casts: bool = False) -> Callable:
     """``fn`` itself, or (``fused``) its ``torch.compile``d version, compiled once per process
-    with dynamic shapes, so one compilation serves every length, offset and layer."""
+    with dynamic shapes, so one compilation serves every length, offset and layer.
+
+    ``exact_casts``: each intermediate ``.to(dtype)`` of ``fn`` rounds as it does eagerly. By
+    default the compiler keeps such intermediates in fp32 and rounds once at the end, which is
+    more precise but no longer eager's result (fp8 keys dequantized to bf16, then rotated:
+    one bf16 step apart in about half the elements)."""
     if not fused:
         return fn
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _compiled[fn]
+    if (fn, exact_casts) not in _compiled:
+        options = {"emulate_precision_casts": True} if exact_casts else None
+        _compiled[fn, exact_casts] = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
+    return _compiled[fn, exact_casts]
 
 
 def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
@@ -420,8 +426,9 @@ def stage_rows(keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, sin:
     or, with ``packet`` None, cos/sin (R, rot): each row's rotation. ``key_scales`` /
     ``value_scales``: each packet's (H_kv, D) scales of this layer and ``scale_rows`` (R,) long
     (packet·H_kv + head) their row of the stacked scales, or None (no compact packets). The maths
-    of ``write_chunks(..., fused=False)``; compiled (``kernel``), the gathers are fused into one
-    pass over the rows.
+    of ``write_chunks(..., fused=False)``; compiled (``kernel`` with ``exact_casts``: the
+    dequantized keys are rounded to ``dtype`` before the rotation, as there), the gathers are
+    fused into one pass over the rows.
     """
     if scale_rows is not None:
         keys = dequantize(keys, torch.cat(key_scales)[scale_rows], dtype)
@@ -483,7 +490,7 @@ class StagedAssembly:
         scales = (None, None)
         if self.scale_rows is not None:
             scales = tuple(tuple(s[layer, :, 0] for s in per) for per in zip(*staging.scales))
-        keys, values = kernel(stage_rows, self.compiled)(
+        keys, values = kernel(stage_rows, self.compiled, exact_casts=True)(
             staging.keys[slot].view(-1, dim), staging.values[slot].view(-1, dim), self.cos,
             self.sin, self.packet, *scales, self.scale_rows, buf.keys.dtype)
         buf.keys[layer].view(-1, dim).index_copy_(0, self.rows, keys)
