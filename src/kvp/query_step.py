@@ -667,8 +667,8 @@ class PipelinedGraph:
     host tier); disk packets go through ``pipelined_query``. The assembly inside the graph is
     ``StagedAssembly``: one batch of ops per layer for all packets (same maths as the Triton
     kernel). ``compile_assembly`` compiles its element-wise part into one kernel per layer
-    (``stage_rows``); tested on the CPU against the eager assembly, not yet run on a card, so
-    off by default.
+    (``stage_rows``, its casts rounding as eagerly); tested on the CPU against the eager assembly;
+    off by default until the rounding-exact version has run on a card (docs/method.md).
 
     ``layers_per_copy``: layers of a packet moved by one host → device copy (see ``_Transfer``).
     With 1, the host issues two copies per packet and layer before the replay can start (512
