@@ -668,7 +668,7 @@ class PipelinedGraph:
     ``StagedAssembly``: one batch of ops per layer for all packets (same maths as the Triton
     kernel). ``compile_assembly`` compiles its element-wise part into one kernel per layer
     (``stage_rows``, its casts rounding as eagerly); tested on the CPU against the eager assembly;
-    off by default until the rounding-exact version has run on a card (docs/method.md).
+    off by default: with fp8 packets it fails the GPU test against the resident step (docs/method.md).
 
     ``layers_per_copy``: layers of a packet moved by one host → device copy (see ``_Transfer``).
     With 1, the host issues two copies per packet and layer before the replay can start (512
