@@ -214,21 +214,22 @@ def test_compiled_staged_rows_round_as_eager_in_bf16(smollm, wrapper, tmp_path, 
     model = smollm.model
     ctx, packets = query(smollm, store_of(smollm, tmp_path, ("host",), packet_dtype), wrapper)
     buf = KVBuffer.allocate(model, ctx.n_preamble + sum(p.length for p in packets))
-    _, _, offsets, *_, cos, sin = _layout(model, buf, ctx.preamble_kv, packets)
-    layer, (heads, dim) = 1, packets[0].kv.keys.shape[1::2]
-    packet = torch.cat([torch.full((heads * p.length,), j) for j, p in enumerate(packets)])
-    args = (torch.cat([p.kv.keys[layer].reshape(-1, dim) for p in packets]),
-            torch.cat([p.kv.values[layer].reshape(-1, dim) for p in packets]),
-            cos[offsets[1:]], sin[offsets[1:]], packet,
-            tuple(p.scales[0][layer, :, 0] for p in packets),
-            tuple(p.scales[1][layer, :, 0] for p in packets),
-            torch.cat([j * heads + torch.arange(heads).repeat_interleave(p.length)
-                       for j, p in enumerate(packets)]), torch.bfloat16)
+    _, slots, offsets, *_, cos, sin = _layout(model, buf, ctx.preamble_kv, packets)
+    staging = Staging.allocate(model, packets, depth=2)
+    transfer = _Transfer(staging, packets, model.config.num_hidden_layers)
+    transfer.start()
+    layer, dim = 1, buf.keys.shape[-1]
+    transfer.wait(layer)
+    rows = StagedAssembly.build(staging, buf, slots[1:], offsets[1:], cos, sin, compiled=True)
+    args = (staging.keys[layer].view(-1, dim), staging.values[layer].view(-1, dim), rows.cos,
+            rows.sin, rows.packet, *(tuple(s[layer, :, 0] for s in per)
+                                     for per in zip(*staging.scales)),
+            rows.scale_rows, torch.bfloat16)
     want = stage_rows(*args)
     got = kernel(stage_rows, True, exact_casts=True)(*args)
     assert got[0].dtype == torch.bfloat16
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    fp32_kept = torch.compile(stage_rows, dynamic=True, fullgraph=True)(*args)
+    fp32_kept = kernel(stage_rows, True)(*args)
     assert not torch.equal(fp32_kept[0], want[0])
 
 
