@@ -331,12 +331,13 @@ def test_each_layers_per_copy_of_the_host_graph_is_a_line_of_its_own():
     assert {"host bf16 graph", "host bf16 graph layers_per_copy=8", "host fp8 graph",
             "host fp8 graph layers_per_copy=8"} <= set(host.index)
     assert host["host bf16 graph layers_per_copy=8"] == pytest.approx(host["host bf16 graph"] / 2)
-    # the compiled assembly (--host-graph-compiled) is a line of its own too
-    assert copy_setting(1, True) == "compiled" and copy_setting(8, True) == "layers_per_copy=8,compiled"
-    compiled = graph.assign(setting=copy_setting(8, True))
-    lines = tier_lines(pd.concat([df, grouped, compiled], ignore_index=True))
-    assert {"host bf16 graph layers_per_copy=8", "host bf16 graph layers_per_copy=8,compiled"} <= set(
-        lines["line"])
+    # the Triton assembly (--host-graph-fused-assembly) is a line of its own too
+    assert copy_setting(1, True) == "fused_assembly"
+    assert copy_setting(8, True) == "layers_per_copy=8,fused_assembly"
+    fused = graph.assign(setting=copy_setting(8, True))
+    lines = tier_lines(pd.concat([df, grouped, fused], ignore_index=True))
+    assert {"host bf16 graph layers_per_copy=8",
+            "host bf16 graph layers_per_copy=8,fused_assembly"} <= set(lines["line"])
 
 
 def test_crossover_is_where_reuse_starts_to_beat_recompute():
@@ -396,5 +397,5 @@ def test_host_graph_on_a_cpu_is_refused_before_any_timing(small_llama, tmp_path)
     cfg = dataclasses.replace(TINY, tiers=("host",), host_graph=True)
     with pytest.raises(ValueError, match=r"--host-graph.*model is on cpu; drop it"):
         bench_model(small_llama, "arch:llama-3.1-8b", cfg, env, log=lambda s: None)
-    with pytest.raises(ValueError, match=r"--host-graph-compiled.*add host_graph=True"):
-        dataclasses.replace(TINY, tiers=("host",), host_graph_compiled=True)
+    with pytest.raises(ValueError, match=r"--host-graph-fused-assembly.*add host_graph=True"):
+        dataclasses.replace(TINY, tiers=("host",), host_graph_fused_assembly=True)

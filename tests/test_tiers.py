@@ -13,13 +13,13 @@ import importlib.util
 import pytest
 import torch
 
+from kvp import kernels
 from kvp.compact import dequantize, quantize
 from kvp.methods import get_method, make_context
 from kvp.models import load_model
 from kvp.packet import PacketStore, PacketWrapper, assemble, build_packet
 from kvp.query_step import (KVBuffer, PipelinedGraph, StagedAssembly, Staging, _layout,
-                            _Transfer, assemble_into, fast_query, kernel, pipelined_query,
-                            stage_rows, write_chunks)
+                            _Transfer, assemble_into, fast_query, pipelined_query, write_chunks)
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="Triton is not installed (no wheels for this platform)")
@@ -169,14 +169,12 @@ def test_transfer_lands_every_layer_of_every_packet_in_its_slot(smollm, wrapper,
                       layers_per_copy=layers_per_copy)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("packet_dtype", ["model", "fp8", "int8"])
 def test_staged_assembly_is_the_assembly_of_each_staged_packet(smollm, wrapper, tmp_path,
-                                                              packet_dtype, compiled):
-    """The host-tier graph's assembly (one batch of ops per layer for every packet) writes, bit
-    for bit, what ``write_chunks`` writes chunk by chunk from the same staging slots (re-rotated
-    to each packet's offset, compact packets dequantized), and nothing else; compiled, the same
-    values up to fp32 rounding in the rotation."""
+                                                              packet_dtype):
+    """The host-tier graph's eager assembly (one batch of ops per layer for every packet) writes,
+    bit for bit, what ``write_chunks`` writes chunk by chunk from the same staging slots
+    (re-rotated to each packet's offset, compact packets dequantized), and nothing else."""
     model = smollm.model
     ctx, packets = query(smollm, store_of(smollm, tmp_path, ("host",), packet_dtype), wrapper)
     n_layers = model.config.num_hidden_layers
@@ -189,7 +187,7 @@ def test_staged_assembly_is_the_assembly_of_each_staged_packet(smollm, wrapper, 
     staging = Staging.allocate(model, packets, depth=4)  # a ring: slot l % 4 holds layer l
     transfer = _Transfer(staging, packets, n_layers)
     transfer.start()
-    staged = StagedAssembly.build(staging, got, slots[1:], offsets[1:], cos, sin, compiled)
+    staged = StagedAssembly.build(staging, got, slots[1:], offsets[1:], cos, sin)
     assert len(set(offsets[1:])) == len(packets) > 1  # every packet its own rotation
     for layer in range(n_layers):
         transfer.wait(layer)
@@ -198,39 +196,52 @@ def test_staged_assembly_is_the_assembly_of_each_staged_packet(smollm, wrapper, 
         write_chunks(want.keys[layer:layer + 1], want.values[layer:layer + 1], chunks, scales,
                      slots[1:], offsets[1:], cos, sin, fused=False)
         transfer.release(layer)
-    if compiled:
-        torch.testing.assert_close(got.keys, want.keys, rtol=1e-5, atol=1e-5)
-    else:
-        assert torch.equal(got.keys, want.keys)
+    assert torch.equal(got.keys, want.keys)
     assert torch.equal(got.values, want.values)
     assert (got.keys[:, :, :ctx.n_preamble] == 7).all() and (got.keys[:, :, n:] == 7).all()
 
 
-@pytest.mark.parametrize("packet_dtype", ["fp8", "int8"])
-def test_compiled_staged_rows_round_as_eager_in_bf16(smollm, wrapper, tmp_path, packet_dtype):
-    """Into a bf16 buffer, the compiled ``stage_rows`` of compact packets is the eager one bit for
-    bit: the dequantized keys are rounded to bf16 before their rotation, as eagerly. Compiled
-    with the compiler's default casts, which keep them in fp32, it is not."""
-    model = smollm.model
-    ctx, packets = query(smollm, store_of(smollm, tmp_path, ("host",), packet_dtype), wrapper)
-    buf = KVBuffer.allocate(model, ctx.n_preamble + sum(p.length for p in packets))
-    _, slots, offsets, *_, cos, sin = _layout(model, buf, ctx.preamble_kv, packets)
-    staging = Staging.allocate(model, packets, depth=2)
-    transfer = _Transfer(staging, packets, model.config.num_hidden_layers)
-    transfer.start()
-    layer, dim = 1, buf.keys.shape[-1]
-    transfer.wait(layer)
-    rows = StagedAssembly.build(staging, buf, slots[1:], offsets[1:], cos, sin, compiled=True)
-    args = (staging.keys[layer].view(-1, dim), staging.values[layer].view(-1, dim), rows.cos,
-            rows.sin, rows.packet, *(tuple(s[layer, :, 0] for s in per)
-                                     for per in zip(*staging.scales)),
-            rows.scale_rows, torch.bfloat16)
-    want = stage_rows(*args)
-    got = kernel(stage_rows, True, exact_casts=True)(*args)
-    assert got[0].dtype == torch.bfloat16
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    fp32_kept = kernel(stage_rows, True)(*args)
-    assert not torch.equal(fp32_kept[0], want[0])
+@needs_triton
+@pytest.mark.parametrize("packet_dtype", ["model", "fp8"])
+def test_planned_assembly_launches_follow_the_packets_staged_at_their_addresses(packet_dtype):
+    """The host graph's Triton assembly: one launch per layer planned once over the staging
+    (``plan_assembly``, interpreted on the CPU), run again after another packet set of the same
+    shapes was staged, writes that set's resident assembly bit for bit, as a graph replay must."""
+    from kvp.bench import IdTokenizer
+
+    model = load_model("arch:llama-3.1-8b", device="cpu", config_overrides=SMALL_LLAMA)[0]
+    wrapper = PacketWrapper.init_from_embeddings(model, 4, 4, seed=1, model_name="m")
+    gen = torch.Generator().manual_seed(0)
+    sets = [[" ".join(map(str, torch.randint(0, 1024, (n,), generator=gen).tolist()))
+             for n in (40, 70)] for _ in range(2)]
+    store = PacketStore(model, IdTokenizer(), "m", packet_dtype=packet_dtype)
+    ctx = make_context(model, IdTokenizer(), store, "5 6 7 8 9", sets[0], "10 11 12", wrapper)
+    packets = [[store.get(d, wrapper) for d in docs] for docs in sets]
+    n_layers = model.config.num_hidden_layers
+    staging = Staging.allocate(model, packets[0], depth=n_layers)
+    buf = KVBuffer.allocate(model, ctx.n_preamble + sum(p.length for p in packets[0]))
+    chunks, slots, offsets, n_cached, *_, cos, sin = _layout(model, buf, ctx.preamble_kv,
+                                                             packets[0])
+    launches = []
+    for layer in range(n_layers):
+        layer_chunks, scales = staging.chunks(layer)
+        launches.append(kernels.plan_assembly(
+            buf.keys[layer:layer + 1], buf.values[layer:layer + 1], layer_chunks, slots[1:],
+            offsets[1:], cos, sin, scales=scales if staging.scales is not None else None))
+    wants = []
+    for k in (1, 0):
+        want = KVBuffer.allocate(model, buf.capacity)
+        assemble_into(model, want, ctx.preamble_kv, packets[k], fused=True)
+        buf.keys.zero_()
+        buf.values.zero_()
+        write_chunks(buf.keys, buf.values, chunks[:1], [None], slots[:1], offsets[:1], cos, sin,
+                     fused=True)
+        _Transfer(staging, packets[k], n_layers).start()
+        for launch in launches:
+            launch()
+        assert torch.equal(buf.keys, want.keys) and torch.equal(buf.values, want.values)
+        wants.append(want.keys)
+    assert not torch.equal(wants[0], wants[1])  # the sets differ
 
 
 @needs_triton
@@ -317,15 +328,15 @@ def test_pipelined_graph_refuses_a_cpu_buffer(smollm, wrapper, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile_assembly", [False, True])
+@pytest.mark.parametrize("fused_assembly", [False, True])
 @pytest.mark.parametrize("layers_per_copy", [1, 2])
 @pytest.mark.parametrize("packet_dtype", ["model", "fp8"])
 def test_pipelined_graph_is_the_resident_query_for_every_packet_set(packet_dtype, layers_per_copy,
-                                                                    compile_assembly):
+                                                                    fused_assembly):
     """One captured graph, replayed for two packet sets of the same shapes from pinned host
     memory, gives each set's resident logits (the copies follow the new addresses), with one
     copy per layer or per group of layers (2 does not divide the 3 layers), the assembly eager
-    or compiled."""
+    ops or the Triton kernel."""
     from kvp.bench import IdTokenizer
 
     model = load_model("arch:llama-3.1-8b", device="cuda", config_overrides=SMALL_LLAMA)[0]
@@ -348,7 +359,7 @@ def test_pipelined_graph_is_the_resident_query_for_every_packet_set(packet_dtype
         assert hosted[-1][0].kv.keys.is_pinned()
     buf = KVBuffer.allocate(model, n)
     graph = PipelinedGraph(model, buf, ctx.preamble_kv, hosted[0], len(ids), fused=True,
-                           layers_per_copy=layers_per_copy, compile_assembly=compile_assembly)
+                           layers_per_copy=layers_per_copy, fused_assembly=fused_assembly)
     for k in (1, 0, 1):
         got = graph(hosted[k], ids).clone()
         torch.testing.assert_close(got, wants[k], rtol=1e-3, atol=1e-3)

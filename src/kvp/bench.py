@@ -121,8 +121,8 @@ class BenchConfig:
     seed: int = 0
     host_graph: bool = False  # also time HOST_GRAPH_VARIANT on the host tier (CUDA only)
     host_graph_layers: tuple[int, ...] = (1,)  # its layers per host → device copy, one row each
-    # also time each host-graph row with its assembly compiled (PipelinedGraph(compile_assembly=True))
-    host_graph_compiled: bool = False
+    # also time each host-graph row with the Triton assembly (PipelinedGraph(fused_assembly=True))
+    host_graph_fused_assembly: bool = False
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in FAST_VARIANTS]
@@ -137,9 +137,9 @@ class BenchConfig:
             raise ValueError(f"need repeats >= min_repeats >= 1 and warmup >= 0, got "
                              f"repeats={self.repeats}, min_repeats={self.min_repeats}, "
                              f"warmup={self.warmup}")
-        if self.host_graph_compiled and not self.host_graph:
-            raise ValueError("host_graph_compiled (--host-graph-compiled) times the host graph's "
-                             "compiled assembly: add host_graph=True (--host-graph)")
+        if self.host_graph_fused_assembly and not self.host_graph:
+            raise ValueError("host_graph_fused_assembly (--host-graph-fused-assembly) times the "
+                             "host graph's Triton assembly: add host_graph=True (--host-graph)")
         smallest = self.preamble_tokens + self.prompt_tokens + max(self.n_docs + (self.n_docs_default,))
         if min(self.context_tokens + (self.n_docs_context,)) < smallest:
             raise ValueError(f"context lengths must leave at least one token per document: the "
@@ -410,12 +410,12 @@ def bench_fast(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, plai
                 variant = best if tier == "gpu" else TIER_VARIANTS[device.type == "cuda"]
                 jobs.append((variant, tier, packet_dtype, 1, False))
                 if tier == "host" and cfg.host_graph:
-                    jobs += [(HOST_GRAPH_VARIANT, tier, packet_dtype, k, compiled)
+                    jobs += [(HOST_GRAPH_VARIANT, tier, packet_dtype, k, triton_assembly)
                              for k in cfg.host_graph_layers
-                             for compiled in (False, True)[:1 + cfg.host_graph_compiled]]
-    for variant, tier, packet_dtype, layers_per_copy, compiled in jobs:
+                             for triton_assembly in (False, True)[:1 + cfg.host_graph_fused_assembly]]
+    for variant, tier, packet_dtype, layers_per_copy, triton_assembly in jobs:
         where = dict(tier=tier, packet_dtype=packet_dtype)
-        setting = copy_setting(layers_per_copy, compiled)
+        setting = copy_setting(layers_per_copy, triton_assembly)
         if time.perf_counter() > deadline:
             rows.append(row("kv_packet", setting, variant, None, plain["flops"], plain["cached"],
                             "skipped: time limit", **where))
@@ -425,7 +425,7 @@ def bench_fast(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, plai
                 rows.append(_bench_variant(model, ctx, cfg, plain, variant, row))
             else:
                 rows.append(bench_tier(model, ctx, cfg, plain, variant, tier, packet_dtype, row,
-                                       layers_per_copy, compiled))
+                                       layers_per_copy, triton_assembly))
         except Exception as err:  # a failing variant (compiler, graph capture, OOM) is recorded
             rows.append(row("kv_packet", setting, variant, None, plain["flops"], plain["cached"],
                             f"error: {type(err).__name__}: {str(err).splitlines()[0][:80]}",
@@ -502,20 +502,21 @@ def graph_step(model, buf: KVBuffer, ctx: QueryContext, packets, fused: bool, pr
     return step
 
 
-def copy_setting(layers_per_copy: int, compiled: bool = False) -> str:
+def copy_setting(layers_per_copy: int, fused_assembly: bool = False) -> str:
     """The ``setting`` of a host-graph row: its layers per copy (when several) and whether its
-    assembly was compiled ("" for one layer per copy, eager)."""
-    parts = [f"layers_per_copy={layers_per_copy}"] * (layers_per_copy > 1) + ["compiled"] * compiled
+    assembly was the Triton kernel ("" for one layer per copy, eager assembly)."""
+    parts = ([f"layers_per_copy={layers_per_copy}"] * (layers_per_copy > 1)
+             + ["fused_assembly"] * fused_assembly)
     return ",".join(parts)
 
 
 def bench_tier(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant: str, tier: str,
                packet_dtype: str, row, layers_per_copy: int = 1,
-               compile_assembly: bool = False) -> dict:
+               fused_assembly: bool = False) -> dict:
     """KV Packet with its packets in ``tier`` as ``packet_dtype``: the gpu tier through the fused
     CUDA-graph step (eager on a CPU), the host and disk tiers through ``pipelined_query`` (or, for
     ``HOST_GRAPH_VARIANT``, ``PipelinedGraph`` moving ``layers_per_copy`` layers per copy, its
-    assembly compiled with ``compile_assembly``); a disk
+    assembly the Triton kernel with ``fused_assembly``); a disk
     run drops the packets' cached pages before every call, so each reads the disk."""
     device, n_task = model.device, len(ctx.task_ids)
     fused = variant.endswith("+fused")
@@ -537,7 +538,7 @@ def bench_tier(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant:
             elif variant == HOST_GRAPH_VARIANT:
                 graph = PipelinedGraph(model, buf, ctx.preamble_kv, packets, n_task, fused,
                                        projections, layers_per_copy=layers_per_copy,
-                                       compile_assembly=compile_assembly)
+                                       fused_assembly=fused_assembly)
 
                 def step():
                     return graph(packets, ctx.task_ids.to(device))
@@ -554,7 +555,7 @@ def bench_tier(model, ctx: QueryContext, cfg: BenchConfig, plain: dict, variant:
                               cfg.max_seconds, setup, issued)
             step = staging = graph = None  # frees the captured graphs and the staging slots
         moved = sum(p.nbytes for p in packets) if tier != "gpu" else 0
-        return row("kv_packet", copy_setting(layers_per_copy, compile_assembly), variant, times,
+        return row("kv_packet", copy_setting(layers_per_copy, fused_assembly), variant, times,
                    plain["flops"],
                    plain["cached"], tier=tier,
                    packet_dtype=packet_dtype, transfer_bytes=moved,
@@ -784,7 +785,7 @@ def run(args) -> Path:
                           packet_dtypes=packet_dtypes, packet_dir=str(packet_dir),
                           host_graph=args.host_graph,
                           host_graph_layers=tuple(args.host_graph_layers),
-                          host_graph_compiled=args.host_graph_compiled)
+                          host_graph_fused_assembly=args.host_graph_fused_assembly)
         model_deadline = min(deadline, time.perf_counter() + args.model_time_limit)
         rows = bench_model(model, name, cfg, env, model_deadline, path, rows,
                            log=lambda s: print(s, flush=True))
@@ -832,9 +833,9 @@ def main(argv: list[str] | None = None, save_figures=None) -> None:
     r.add_argument("--host-graph-layers", type=int, nargs="+", default=[1], metavar="K",
                    help="layers per host -> device copy in the host graph, one row each "
                    "(default: 1)")
-    r.add_argument("--host-graph-compiled", action="store_true",
-                   help="time each host-graph row also with its assembly compiled (one kernel "
-                   "per layer; PipelinedGraph(compile_assembly=True))")
+    r.add_argument("--host-graph-fused-assembly", action="store_true",
+                   help="time each host-graph row also with the resident step's Triton assembly "
+                   "(one launch per layer; PipelinedGraph(fused_assembly=True))")
     r.add_argument("--model-time-limit", type=float, default=float("inf"),
                    help="seconds per model (within --time-limit)")
     s = sub.add_parser("summary", help="key ratios and log-log slopes of CSVs")

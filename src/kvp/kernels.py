@@ -21,6 +21,7 @@ On a CUDA device the kernels are compiled by Triton; on the CPU they run in Trit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -104,10 +105,29 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int] | None:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def assemble(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV], slots: list[int],
-             offsets: list[int], cos: torch.Tensor, sin: torch.Tensor, rotate: bool = True,
-             scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-    """Write each chunk into ``keys``/``values`` at its slot, its keys rotated by its offset.
+@dataclass(frozen=True)
+class AssemblyLaunch:
+    """One planned launch of the assembly kernel (``plan_assembly``): its table is already on the
+    device, so a call queues that one kernel and nothing else. It can therefore be captured in a
+    CUDA graph and replayed: each replay reads whatever the planned chunk, scale and buffer
+    addresses hold then (``sources`` keeps those tensors alive)."""
+
+    fn: object
+    grid: tuple[int, int]
+    args: tuple
+    meta: dict
+    sources: tuple
+
+    def __call__(self) -> None:
+        self.fn[self.grid](*self.args, **self.meta)
+
+
+def plan_assembly(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV],
+                  slots: list[int], offsets: list[int], cos: torch.Tensor, sin: torch.Tensor,
+                  rotate: bool = True,
+                  scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> AssemblyLaunch:
+    """The launch that writes each chunk into ``keys``/``values`` at its slot, its keys rotated by
+    its offset (``assemble`` runs it at once).
 
     Args:
         keys, values: the buffer, (L, H_kv, C, D) contiguous (a layer range of a larger buffer
@@ -132,7 +152,7 @@ def assemble(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV], sl
     if scales is not None and len(scales) != len(chunks):
         raise ValueError(f"{len(scales)} scale pairs for {len(chunks)} chunks: give one per chunk")
     stored = chunks[0].keys.dtype if scales is not None else keys.dtype
-    rows, blocks, sources = [], [], []
+    rows, blocks, sources = [], [], [keys, values, cos, sin]
     for i, (chunk, slot, offset) in enumerate(zip(chunks, slots, offsets)):
         k, v = chunk.keys, chunk.values
         if k.dtype != stored or v.dtype != stored or k.device != keys.device:
@@ -158,16 +178,27 @@ def assemble(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV], sl
             sources += pair
             pair = [s.data_ptr() for s in pair]
         rows += [k.data_ptr(), v.data_ptr(), chunk.length, slot, *stride, offset, *pair]  # 10
-        sources += [k, v]  # alive until the launch (a contiguous copy is only referenced here)
+        sources += [k, v]  # the table holds their addresses (a contiguous copy only here)
         blocks += [x for t0 in range(0, chunk.length, BLOCK_T) for x in (i, t0)]
     device = keys.device
     pin = device.type == "cuda"  # one small host → device copy that does not wait for the GPU
     table = torch.tensor(rows + blocks, dtype=torch.int64, pin_memory=pin).to(device, non_blocking=True)
-    grid = (len(blocks) // 2, n_layers)
-    _compiled(_assemble_kernel, device.type != "cuda")[grid](
-        table, len(rows), cos, sin, keys, values, chunks[0].keys, n_heads, capacity * head_dim,
-        HEAD_DIM=head_dim, HALF=head_dim // 2, D_P2=_pow2(head_dim), BLOCK=BLOCK_T, ROTATE=rotate,
-        SCALED=scales is not None, **({"enable_fp_fusion": False} if device.type == "cuda" else {}))
+    meta = dict(HEAD_DIM=head_dim, HALF=head_dim // 2, D_P2=_pow2(head_dim), BLOCK=BLOCK_T,
+                ROTATE=rotate, SCALED=scales is not None)
+    if device.type == "cuda":
+        meta["enable_fp_fusion"] = False
+    return AssemblyLaunch(_compiled(_assemble_kernel, device.type != "cuda"),
+                          (len(blocks) // 2, n_layers),
+                          (table, len(rows), cos, sin, keys, values, chunks[0].keys, n_heads,
+                           capacity * head_dim), meta, tuple(sources))
+
+
+def assemble(keys: torch.Tensor, values: torch.Tensor, chunks: list[ChunkKV], slots: list[int],
+             offsets: list[int], cos: torch.Tensor, sin: torch.Tensor, rotate: bool = True,
+             scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    """Write each chunk into ``keys``/``values`` at its slot, its keys rotated by its offset, in
+    one launch (arguments as ``plan_assembly``)."""
+    plan_assembly(keys, values, chunks, slots, offsets, cos, sin, rotate, scales)()
 
 
 @cache

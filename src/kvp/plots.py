@@ -636,7 +636,8 @@ def plot_tier_latency(bench: pd.DataFrame) -> plt.Figure:
                       if graph else "o")
             ax.plot(g["context_tokens"], g["ttft_ms"], color=color, marker=marker,
                     ms=5 if graph else 4, lw=2 if graph else 1.5, ls="--" if compact else "-",
-                    mfc="white" if "compiled" in line else color,  # hollow: compiled assembly
+                    # hollow: a kernel assembly (Triton; "compiled": an earlier compiled one)
+                    mfc="white" if re.search("fused_assembly|compiled", line) else color,
                     label=f"KV Packet, {line} ({note})")
             ax.plot(g["context_tokens"], g["floor_ms"], color=color, ls=":", lw=1)
             if 0 < cross < float("inf"):

@@ -90,23 +90,17 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
-_compiled: dict[tuple[Callable, bool], Callable] = {}
+_compiled: dict[Callable, Callable] = {}
 
 
-def kernel(fn: Callable, fused: bool, exact_casts: bool = False) -> Callable:
+def kernel(fn: Callable, fused: bool) -> Callable:
     """``fn`` itself, or (``fused``) its ``torch.compile``d version, compiled once per process
-    with dynamic shapes, so one compilation serves every length, offset and layer.
-
-    ``exact_casts``: each intermediate ``.to(dtype)`` of ``fn`` rounds as it does eagerly. By
-    default the compiler keeps such intermediates in fp32 and rounds once at the end, which is
-    more precise but no longer eager's result (fp8 keys dequantized to bf16, then rotated:
-    one bf16 step apart in about half the elements)."""
+    with dynamic shapes, so one compilation serves every length, offset and layer."""
     if not fused:
         return fn
-    if (fn, exact_casts) not in _compiled:
-        options = {"emulate_precision_casts": True} if exact_casts else None
-        _compiled[fn, exact_casts] = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
-    return _compiled[fn, exact_casts]
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _compiled[fn]
 
 
 def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
@@ -415,84 +409,78 @@ class Staging:
         shape = self.shapes[j]
         return ring[slot, self.at[j]:self.at[j] + math.prod(shape)].view(shape)
 
+    def chunks(self, layer: int) -> tuple[list[ChunkKV], list]:
+        """Layer ``layer``'s (1, H_kv, S_j, D) chunk of every packet (in ring slot
+        ``layer % depth``) and each one's (1, H_kv, 1, D) key and value scales (None if plain)."""
+        slot = layer % self.depth
+        chunks = [ChunkKV(self.view(self.keys, slot, j), self.view(self.values, slot, j))
+                  for j in range(len(self.shapes))]
+        scales = ([(k[layer:layer + 1], v[layer:layer + 1]) for k, v in self.scales]
+                  if self.scales is not None else [None] * len(chunks))
+        return chunks, scales
+
 
 def stage_rows(keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               packet: torch.Tensor | None, key_scales: tuple[torch.Tensor, ...] | None,
-               value_scales: tuple[torch.Tensor, ...] | None, scale_rows: torch.Tensor | None,
+               key_scales: torch.Tensor | None, value_scales: torch.Tensor | None,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Staged rows (R, D) of keys and values, dequantized and keys re-rotated, in ``dtype``.
 
-    cos/sin (J, rot) float32: each packet's rotation, ``packet`` (R,) long: each row's packet;
-    or, with ``packet`` None, cos/sin (R, rot): each row's rotation. ``key_scales`` /
-    ``value_scales``: each packet's (H_kv, D) scales of this layer and ``scale_rows`` (R,) long
-    (packet·H_kv + head) their row of the stacked scales, or None (no compact packets). The maths
-    of ``write_chunks(..., fused=False)``; compiled (``kernel`` with ``exact_casts``: the
-    dequantized keys are rounded to ``dtype`` before the rotation, as there), the gathers are
-    fused into one pass over the rows.
+    cos/sin (R, rot) float32: each row's rotation; ``key_scales`` / ``value_scales`` (R, D) each
+    row's scales, or None (no compact packets). The maths of ``write_chunks(..., fused=False)``.
     """
-    if scale_rows is not None:
-        keys = dequantize(keys, torch.cat(key_scales)[scale_rows], dtype)
-        values = dequantize(values, torch.cat(value_scales)[scale_rows], dtype)
-    if packet is not None:
-        cos, sin = cos[packet], sin[packet]
+    if key_scales is not None:
+        keys, values = dequantize(keys, key_scales, dtype), dequantize(values, value_scales, dtype)
     return apply_rotation(keys, cos, sin), values.to(dtype)
 
 
 @dataclass(frozen=True)
 class StagedAssembly:
     """Layer l of every staged packet into the buffer in one batch of ops (dequantized,
-    re-rotated, scattered to its slots), instead of a few ops per packet and layer: the
+    re-rotated, scattered to its slots), instead of a few ops per packet and layer: the eager
     assembly inside ``PipelinedGraph``, where each op is a captured kernel. Exactly
-    ``write_chunks(..., fused=False)`` of the staged chunks (same element-wise maths); with
-    ``compiled`` the element-wise part (``stage_rows``) is one compiled kernel per layer.
+    ``write_chunks(..., fused=False)`` of the staged chunks (same element-wise maths).
 
     A staging slot holds the packets' (1, H_kv, S_j, D) layers back to back, i.e. R = Σ_j H_kv·S_j
     rows of D values ordered (packet, head, token). ``rows`` (R,) long: each row's row in a
-    buffer layer viewed as (H_kv·C, D); ``cos``/``sin`` float32: eager, (R, rot) each row's
-    rotation (2·R·rot·4 bytes on the device, 64 MiB for 8K packet tokens of 8 KV heads with
-    rot = 128, each read once a layer); ``compiled``, (J, rot) packet j's rotation, with ``packet``
-    (R,) long each row's packet j (gathered inside the compiled kernel); ``scale_rows`` (R,) long:
-    packet·H_kv + head, its scale row (compact packets), else None.
+    buffer layer viewed as (H_kv·C, D); ``cos``/``sin`` (R, rot) float32: each row's rotation
+    (2·R·rot·4 bytes on the device, 64 MiB for 8K packet tokens of 8 KV heads with rot = 128,
+    each read once a layer); ``scale_rows`` (R,) long: packet·H_kv + head, its scale row
+    (compact packets), else None.
     """
 
     rows: torch.Tensor
-    packet: torch.Tensor | None
     cos: torch.Tensor
     sin: torch.Tensor
     scale_rows: torch.Tensor | None
-    compiled: bool = False
 
     @classmethod
     def build(cls, staging: Staging, buf: KVBuffer, slots: list[int], offsets: list[int],
-              cos: torch.Tensor, sin: torch.Tensor, compiled: bool = False) -> StagedAssembly:
+              cos: torch.Tensor, sin: torch.Tensor) -> StagedAssembly:
         """For the staging's packets at buffer ``slots``, rotated by ``offsets`` (one each);
         cos/sin (P, rot) the rotation table (``kvp.rope.rotation_table``)."""
         device, capacity = buf.keys.device, buf.capacity
-        rows, packet, scale_rows = [], [], []
-        for j, ((_, heads, length, _), slot) in enumerate(zip(staging.shapes, slots, strict=True)):
+        rows, by, scale_rows = [], [], []
+        for j, ((_, heads, length, _), slot, offset) in enumerate(
+                zip(staging.shapes, slots, offsets, strict=True)):
             head = torch.arange(heads, device=device).repeat_interleave(length)  # (H·S_j,)
             token = torch.arange(length, device=device).repeat(heads)
             rows.append(head * capacity + slot + token)
-            packet.append(torch.full_like(head, j))
+            by.append(torch.full_like(head, offset))
             scale_rows.append(j * heads + head)
-        packet = torch.cat(packet)
-        by = torch.tensor(offsets, device=device)
-        cos, sin = cos[by], sin[by]  # (J, rot)
-        if not compiled:  # eager: read per-row tables rather than gather them every layer
-            cos, sin, packet = cos[packet], sin[packet], None
+        by = torch.cat(by)
         compact = staging.scales is not None
-        return cls(torch.cat(rows), packet, cos, sin, torch.cat(scale_rows) if compact else None,
-                   compiled)
+        return cls(torch.cat(rows), cos[by], sin[by], torch.cat(scale_rows) if compact else None)
 
     def __call__(self, staging: Staging, buf: KVBuffer, layer: int) -> None:
         """Write layer ``layer`` of the staged packets (ring slot ``layer % depth``) into ``buf``."""
         dim, slot = buf.keys.shape[-1], layer % staging.depth
         scales = (None, None)
         if self.scale_rows is not None:
-            scales = tuple(tuple(s[layer, :, 0] for s in per) for per in zip(*staging.scales))
-        keys, values = kernel(stage_rows, self.compiled, exact_casts=True)(
-            staging.keys[slot].view(-1, dim), staging.values[slot].view(-1, dim), self.cos,
-            self.sin, self.packet, *scales, self.scale_rows, buf.keys.dtype)
+            scales = tuple(torch.cat([s[layer, :, 0] for s in per])[self.scale_rows]
+                           for per in zip(*staging.scales))
+        keys, values = stage_rows(staging.keys[slot].view(-1, dim),
+                                  staging.values[slot].view(-1, dim), self.cos, self.sin,
+                                  *scales, buf.keys.dtype)
         buf.keys[layer].view(-1, dim).index_copy_(0, self.rows, keys)
         buf.values[layer].view(-1, dim).index_copy_(0, self.rows, values)
 
@@ -578,12 +566,7 @@ class _Transfer:
 
     def chunks(self, layer: int) -> tuple[list[ChunkKV], list]:
         """After ``wait(layer)``: the packets' (1, H_kv, S_j, D) chunks of ``layer`` and scales."""
-        st, slot = self.staging, layer % self.staging.depth
-        chunks = [ChunkKV(st.view(st.keys, slot, j), st.view(st.values, slot, j))
-                  for j in range(len(self.packets))]
-        scales = ([(k[layer:layer + 1], v[layer:layer + 1]) for k, v in st.scales]
-                  if st.scales is not None else [None] * len(chunks))
-        return chunks, scales
+        return self.staging.chunks(layer)
 
     def wait(self, layer: int) -> None:
         if self.arrived[layer] is not None:
@@ -665,10 +648,10 @@ class PipelinedGraph:
     layer (no ring: a graph cannot hand slots back to copies the host issues), i.e. the packets'
     bytes on the device, in their stored dtype. Packets must be in page-locked host memory (the
     host tier); disk packets go through ``pipelined_query``. The assembly inside the graph is
-    ``StagedAssembly``: one batch of ops per layer for all packets (same maths as the Triton
-    kernel). ``compile_assembly`` compiles its element-wise part into one kernel per layer
-    (``stage_rows``, its casts rounding as eagerly); tested on the CPU against the eager assembly;
-    off by default: with fp8 packets it fails the GPU test against the resident step (docs/method.md).
+    ``StagedAssembly``: one batch of eager ops per layer for all packets (same maths as the
+    Triton kernel); with ``fused_assembly`` it is instead the resident step's Triton kernel, one
+    launch per layer planned once (``kvp.kernels.plan_assembly``: its table of staging addresses
+    is built before the capture, so the replay reads each new packet set where it lands).
 
     ``layers_per_copy``: layers of a packet moved by one host → device copy (see ``_Transfer``).
     With 1, the host issues two copies per packet and layer before the replay can start (512
@@ -679,7 +662,7 @@ class PipelinedGraph:
     def __init__(self, model, buf: KVBuffer, preamble: ChunkKV, packets: list[Packet],
                  prompt_len: int, fused: bool = False,
                  projections: FusedProjections | None = None, warmup: int = 2,
-                 layers_per_copy: int = 1, compile_assembly: bool = False):
+                 layers_per_copy: int = 1, fused_assembly: bool = False):
         if buf.keys.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the buffer is on {buf.keys.device}; "
                              "use pipelined_query on other devices")
@@ -695,9 +678,23 @@ class PipelinedGraph:
         self.ids = torch.zeros(prompt_len, dtype=torch.long, device=buf.keys.device)
         positions = prompt_positions(model, start, prompt_len)
         # Everything the graph reads stays referenced: freed, its memory would be reused.
-        staged = StagedAssembly.build(self.staging, buf, slots[1:], offsets[1:], cos, sin,
-                                      compile_assembly)
-        self._read = (buf, preamble, positions, cos, sin, staged)
+        if fused_assembly:
+            launches = []
+            for layer in range(n_layers):
+                layer_chunks, scales = self.staging.chunks(layer)
+                launches.append(kernels.plan_assembly(
+                    buf.keys[layer:layer + 1], buf.values[layer:layer + 1], layer_chunks,
+                    slots[1:], offsets[1:], cos, sin,
+                    scales=scales if self.staging.scales is not None else None))
+
+            def assemble(layer: int) -> None:
+                launches[layer]()
+        else:
+            staged = StagedAssembly.build(self.staging, buf, slots[1:], offsets[1:], cos, sin)
+
+            def assemble(layer: int) -> None:
+                staged(self.staging, buf, layer)
+        self._read = (buf, preamble, positions, cos, sin, assemble)
 
         def step() -> torch.Tensor:
             write_chunks(buf.keys, buf.values, [preamble], [None], slots[:1], offsets[:1], cos, sin,
@@ -705,7 +702,7 @@ class PipelinedGraph:
 
             def before(layer: int) -> None:
                 torch.cuda.current_stream().wait_event(self.arrived[layer])
-                staged(self.staging, buf, layer)
+                assemble(layer)
 
             return prompt_step(model, buf, n_cached, self.ids, positions, fused, projections, before)
 
