@@ -635,7 +635,8 @@ class PipelinedGraph:
     as one CUDA graph: the preamble's assembly, every layer's packet assembly and the prompt step.
     See docs/method.md#packet-tiers.
 
-    Verified on one H200: ``tests/test_tiers.py::test_pipelined_graph_is_the_resident_query_for_every_packet_set``
+    Verified on one H200 (eager assembly) and one H100 (both assemblies, bf16 and fp8 packets):
+    ``tests/test_tiers.py::test_pipelined_graph_is_the_resident_query_for_every_packet_set``
     passes there, and the benchmark (``--host-graph``) finds the same logits as the GPU-resident
     step (data/benchmarks/README.md). CUDA only; a CPU has no graphs, and its tests run the eager
     ``pipelined_query``.
@@ -647,11 +648,12 @@ class PipelinedGraph:
     waits on layer l's event right before assembling layer l. The staging therefore holds every
     layer (no ring: a graph cannot hand slots back to copies the host issues), i.e. the packets'
     bytes on the device, in their stored dtype. Packets must be in page-locked host memory (the
-    host tier); disk packets go through ``pipelined_query``. The assembly inside the graph is
-    ``StagedAssembly``: one batch of eager ops per layer for all packets (same maths as the
-    Triton kernel); with ``fused_assembly`` it is instead the resident step's Triton kernel, one
-    launch per layer planned once (``kvp.kernels.plan_assembly``: its table of staging addresses
-    is built before the capture, so the replay reads each new packet set where it lands).
+    host tier); disk packets go through ``pipelined_query``. The assembly inside the graph is,
+    with ``fused_assembly`` (the default), the resident step's Triton kernel, one launch per
+    layer planned once (``kvp.kernels.plan_assembly``: its table of staging addresses is built
+    before the capture, so the replay reads each new packet set where it lands); without it,
+    ``StagedAssembly``: one batch of eager ops per layer for all packets (same maths, slower:
+    about 9 kernels per layer; for a machine without Triton).
 
     ``layers_per_copy``: layers of a packet moved by one host → device copy (see ``_Transfer``).
     With 1, the host issues two copies per packet and layer before the replay can start (512
@@ -662,7 +664,7 @@ class PipelinedGraph:
     def __init__(self, model, buf: KVBuffer, preamble: ChunkKV, packets: list[Packet],
                  prompt_len: int, fused: bool = False,
                  projections: FusedProjections | None = None, warmup: int = 2,
-                 layers_per_copy: int = 1, fused_assembly: bool = False):
+                 layers_per_copy: int = 1, fused_assembly: bool = True):
         if buf.keys.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the buffer is on {buf.keys.device}; "
                              "use pipelined_query on other devices")
