@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import pandas as pd
@@ -256,6 +257,7 @@ def test_compression_runs_resume_from_their_checkpoint(smollm, wrapper, tmp_path
     def no_model_calls(*args, **kwargs):
         raise AssertionError("a checkpointed sample was evaluated again")
     monkeypatch.setattr("kvp.evaluate.run_methods", no_model_calls)
+    monkeypatch.setattr("kvp.compress.compress_packets", no_model_calls)  # kv_tokens: counted
     again = compression_runs(model, tok, samples, *grid[:2], wrapper, settings, grid[2],
                              checkpoint=path)
     columns = ["sample_id", "press", "ratio", "variant", "setting", "raw_answer", "kv_tokens"]
@@ -265,6 +267,25 @@ def test_compression_runs_resume_from_their_checkpoint(smollm, wrapper, tmp_path
                              checkpoint=path)
     pd.testing.assert_frame_equal(knorm[columns], first[first.press == "knorm"][columns]
                                   .reset_index(drop=True))
+
+
+def test_kv_length_of_a_packet_never_built_is_the_built_packets(smollm, wrapper):
+    """What a resumed sweep reports as kept tokens without building the packet: the length the
+    built packet has, for every press, ratio and protection, and for a packet too short to press."""
+    model, tok = smollm.model, smollm.tokenizer
+    for name in PRESSES:
+        for ratio in (0.1, 0.5):
+            for protect in (False, True):
+                stores = [CompressedStore(model, tok, "smollm2-135m", press=make_press(name, ratio),
+                                          protect_wrapper=protect, allow_short=True)
+                          for _ in range(2)]
+                for doc in (DOCS[0], "Paris."):
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # "Paris." stays uncompressed for some
+                        counted = stores[0].kv_length(doc, wrapper)
+                        built = stores[1].get(doc, wrapper).kv.length
+                    assert counted == built, (name, ratio, protect, doc)
+                assert stores[0].n_encoded == 0
 
 
 def test_one_prefill_gives_every_press_the_packet_of_its_own_prefill(smollm, wrapper):

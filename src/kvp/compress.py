@@ -198,29 +198,41 @@ def compress_packets(model, tokenizer, document: str, presses: Sequence[tuple[Ba
 
     See docs/protocol.md#compression-figure-4.
     """
-    h, t = (wrapper.h, wrapper.t) if wrapper is not None else (0, 0)
-    n_tokens = h + len(tokenize_document(tokenizer, document)) + t
-    applied = []  # the press applied per entry, None where the packet stays uncompressed
-    for press, protect_wrapper in presses:
-        check_press(press)
-        if protect_wrapper and h + t:
-            press = ProtectedPress(press, n_first=h, n_last=t)
-        need = min_tokens(press)
-        if n_tokens >= need:
-            applied.append(press)
-            continue
-        message = (f"packet of {n_tokens} tokens (h={h} + document + t={t}, document starts "
-                   f"{document[:40]!r}) is shorter than the {need} tokens {press!r} needs")
-        if not allow_short:
-            raise ValueError(message + "; use longer documents, a smaller window/sink setting, or "
-                             "allow_short=True to keep such packets uncompressed")
-        warnings.warn(message + "; kept uncompressed", stacklevel=2)
-        applied.append(None)
+    n_tokens = packet_tokens(tokenizer, document, wrapper)
+    applied = [applied_press(press, protect, document, n_tokens, wrapper, allow_short)
+               for press, protect in presses]
     bundle = PressSet([p for p in applied if p is not None])
     with bundle(model):
         packet = build_packet(model, tokenizer, document, wrapper)  # the whole cache
     kept = iter(bundle.chunks())
     return [packet if p is None else replace(packet, kv=next(kept), span=n_tokens) for p in applied]
+
+
+def packet_tokens(tokenizer, document: str, wrapper: PacketWrapper | None) -> int:
+    """Tokens of the document's uncompressed packet: h + document + t."""
+    h, t = (wrapper.h, wrapper.t) if wrapper is not None else (0, 0)
+    return h + len(tokenize_document(tokenizer, document)) + t
+
+
+def applied_press(press: BasePress, protect_wrapper: bool, document: str, n_tokens: int,
+                  wrapper: PacketWrapper | None, allow_short: bool) -> BasePress | None:
+    """The press a packet of ``n_tokens`` tokens is built under: ``press``, wrapped in a
+    ``ProtectedPress`` with ``protect_wrapper``; None where the packet is shorter than the press
+    needs and stays uncompressed (``allow_short``; otherwise ``ValueError``)."""
+    check_press(press)
+    h, t = (wrapper.h, wrapper.t) if wrapper is not None else (0, 0)
+    if protect_wrapper and h + t:
+        press = ProtectedPress(press, n_first=h, n_last=t)
+    need = min_tokens(press)
+    if n_tokens >= need:
+        return press
+    message = (f"packet of {n_tokens} tokens (h={h} + document + t={t}, document starts "
+               f"{document[:40]!r}) is shorter than the {need} tokens {press!r} needs")
+    if not allow_short:
+        raise ValueError(message + "; use longer documents, a smaller window/sink setting, or "
+                         "allow_short=True to keep such packets uncompressed")
+    warnings.warn(message + "; kept uncompressed", stacklevel=3)
+    return None
 
 
 def compress_packet(model, tokenizer, document: str, press: BasePress,
@@ -294,11 +306,15 @@ class CompressedStore(PacketStore):
             self._memory.popitem(last=False)
 
     def kv_length(self, document: str, wrapper: PacketWrapper | None = None) -> int:
-        """Tokens kept in the document's packet; built now (with its siblings') when no ``get``
-        built it, as for a sample resumed from a checkpoint."""
+        """Tokens kept in the document's packet. When no ``get`` built it (a sample resumed from
+        a checkpoint), counted without building it: the press keeps ``compute_n_kept`` of the
+        packet's tokens, as kvpress's top-k pruning does (or all of a packet too short for it)."""
         key = self.key(document, wrapper)
         if key not in self.kv_lengths:
-            self.get(document, wrapper)
+            n = packet_tokens(self.tokenizer, document, wrapper)
+            press = applied_press(self.press, self.protect_wrapper, document, n, wrapper,
+                                  self.allow_short)
+            self.kv_lengths[key] = n if press is None else compute_n_kept(n, press.compression_ratio)
         return self.kv_lengths[key]
 
 
