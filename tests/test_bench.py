@@ -16,7 +16,8 @@ import torch
 
 from kvp.bench import (HOST_GRAPH_VARIANT, BenchConfig, IdTokenizer, bench_model,
                        copy_setting, crossover_tokens, environment, loglog_slopes, read_csvs,
-                       summary, synthetic_context, tier_lines, tier_summary, write_csv)
+                       summary, synthetic_context, tier_lines, tier_summary, tiered_run,
+                       write_csv)
 from kvp import kernels
 from kvp.cache import ChunkKV
 from kvp.query_step import (RMS_NORMS, FusedProjections, KVBuffer, PromptGraph, add_rms_norm,
@@ -338,6 +339,16 @@ def test_each_layers_per_copy_of_the_host_graph_is_a_line_of_its_own():
     lines = tier_lines(pd.concat([df, grouped, fused], ignore_index=True))
     assert {"host bf16 graph layers_per_copy=8",
             "host bf16 graph layers_per_copy=8,fused_assembly"} <= set(lines["line"])
+
+
+def test_the_tier_figure_takes_the_newest_tiered_run_by_date_not_by_name():
+    names = ["ttft_nvidia-h100-80gb-hbm3_2026-12-07_triton-assembly", "ttft_nvidia-h200_2026-12-02",
+             "ttft_nvidia-h200_2026-11-28"]  # by name the H200 files sort last; the last has no tiers
+    bench = pd.concat([read_csvs([ROOT / "data" / "benchmarks" / f"{n}.csv"]).assign(source=n)
+                       for n in names], ignore_index=True)
+    assert set(tiered_run(bench)["source"]) == {names[0]}
+    assert set(tiered_run(bench[bench["source"] != names[0]])["source"]) == {names[1]}
+    assert tiered_run(bench[bench["source"] == names[2]]) is None
 
 
 def test_crossover_is_where_reuse_starts_to_beat_recompute():

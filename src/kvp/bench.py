@@ -653,12 +653,15 @@ def with_tiers(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def tiered_run(bench: pd.DataFrame) -> pd.DataFrame | None:
-    """The rows of the newest committed CSV (``source``: its file name, which ends with the date)
-    that has packets in host memory or on disk; None when no CSV has. One run's rows only, since
-    times compare only within one CSV."""
+    """The rows of the newest committed CSV (by its ``date``; on one date, the ``source`` file
+    name sorting last) that has packets in host memory or on disk; None when no CSV has. One
+    run's rows only, since times compare only within one CSV."""
     committed = with_tiers(bench[bench["source"] != "this run"])
-    tiered = sorted(committed.loc[committed["tier"] != "gpu", "source"].unique())
-    return committed[committed["source"] == tiered[-1]] if tiered else None
+    tiered = committed[committed["tier"] != "gpu"]
+    if not len(tiered):
+        return None
+    newest = tiered.sort_values(["date", "source"])["source"].iloc[-1]
+    return committed[committed["source"] == newest]
 
 
 def summary(df: pd.DataFrame, context_tokens: int = 8192, n_docs: int = 8) -> pd.DataFrame:
