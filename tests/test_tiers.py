@@ -13,7 +13,6 @@ import importlib.util
 import pytest
 import torch
 
-from kvp import kernels
 from kvp.compact import dequantize, quantize
 from kvp.methods import get_method, make_context
 from kvp.models import load_model
@@ -222,12 +221,7 @@ def test_planned_assembly_launches_follow_the_packets_staged_at_their_addresses(
     buf = KVBuffer.allocate(model, ctx.n_preamble + sum(p.length for p in packets[0]))
     chunks, slots, offsets, n_cached, *_, cos, sin = _layout(model, buf, ctx.preamble_kv,
                                                              packets[0])
-    launches = []
-    for layer in range(n_layers):
-        layer_chunks, scales = staging.chunks(layer)
-        launches.append(kernels.plan_assembly(
-            buf.keys[layer:layer + 1], buf.values[layer:layer + 1], layer_chunks, slots[1:],
-            offsets[1:], cos, sin, scales=scales if staging.scales is not None else None))
+    launches = staging.plan_assembly(buf, slots[1:], offsets[1:], cos, sin)
     wants = []
     for k in (1, 0):
         want = KVBuffer.allocate(model, buf.capacity)

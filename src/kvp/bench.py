@@ -410,12 +410,12 @@ def bench_fast(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, plai
                 variant = best if tier == "gpu" else TIER_VARIANTS[device.type == "cuda"]
                 jobs.append((variant, tier, packet_dtype, 1, False))
                 if tier == "host" and cfg.host_graph:
-                    jobs += [(HOST_GRAPH_VARIANT, tier, packet_dtype, k, triton_assembly)
+                    jobs += [(HOST_GRAPH_VARIANT, tier, packet_dtype, k, fused_assembly)
                              for k in cfg.host_graph_layers
-                             for triton_assembly in (False, True)[:1 + cfg.host_graph_fused_assembly]]
-    for variant, tier, packet_dtype, layers_per_copy, triton_assembly in jobs:
+                             for fused_assembly in (False, True)[:1 + cfg.host_graph_fused_assembly]]
+    for variant, tier, packet_dtype, layers_per_copy, fused_assembly in jobs:
         where = dict(tier=tier, packet_dtype=packet_dtype)
-        setting = copy_setting(layers_per_copy, triton_assembly)
+        setting = copy_setting(layers_per_copy, fused_assembly)
         if time.perf_counter() > deadline:
             rows.append(row("kv_packet", setting, variant, None, plain["flops"], plain["cached"],
                             "skipped: time limit", **where))
@@ -425,7 +425,7 @@ def bench_fast(model, model_name: str, ctx: QueryContext, cfg: BenchConfig, plai
                 rows.append(_bench_variant(model, ctx, cfg, plain, variant, row))
             else:
                 rows.append(bench_tier(model, ctx, cfg, plain, variant, tier, packet_dtype, row,
-                                       layers_per_copy, triton_assembly))
+                                       layers_per_copy, fused_assembly))
         except Exception as err:  # a failing variant (compiler, graph capture, OOM) is recorded
             rows.append(row("kv_packet", setting, variant, None, plain["flops"], plain["cached"],
                             f"error: {type(err).__name__}: {str(err).splitlines()[0][:80]}",

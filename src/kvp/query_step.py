@@ -419,18 +419,18 @@ class Staging:
                   if self.scales is not None else [None] * len(chunks))
         return chunks, scales
 
-
-def stage_rows(keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               key_scales: torch.Tensor | None, value_scales: torch.Tensor | None,
-               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Staged rows (R, D) of keys and values, dequantized and keys re-rotated, in ``dtype``.
-
-    cos/sin (R, rot) float32: each row's rotation; ``key_scales`` / ``value_scales`` (R, D) each
-    row's scales, or None (no compact packets). The maths of ``write_chunks(..., fused=False)``.
-    """
-    if key_scales is not None:
-        keys, values = dequantize(keys, key_scales, dtype), dequantize(values, value_scales, dtype)
-    return apply_rotation(keys, cos, sin), values.to(dtype)
+    def plan_assembly(self, buf: KVBuffer, slots: list[int], offsets: list[int],
+                      cos: torch.Tensor, sin: torch.Tensor) -> list[kernels.AssemblyLaunch]:
+        """Per layer l, the Triton launch that writes every packet's layer l, from its staging
+        slot, into ``buf`` at ``slots`` rotated by ``offsets`` (cos/sin (P, D) the rotation
+        table): planned once, it follows whatever packets are staged when it runs."""
+        launches = []
+        for layer in range(buf.keys.shape[0]):
+            chunks, scales = self.chunks(layer)
+            launches.append(kernels.plan_assembly(
+                buf.keys[layer:layer + 1], buf.values[layer:layer + 1], chunks, slots, offsets,
+                cos, sin, scales=scales if self.scales is not None else None))
+        return launches
 
 
 @dataclass(frozen=True)
@@ -473,14 +473,13 @@ class StagedAssembly:
 
     def __call__(self, staging: Staging, buf: KVBuffer, layer: int) -> None:
         """Write layer ``layer`` of the staged packets (ring slot ``layer % depth``) into ``buf``."""
-        dim, slot = buf.keys.shape[-1], layer % staging.depth
-        scales = (None, None)
-        if self.scale_rows is not None:
-            scales = tuple(torch.cat([s[layer, :, 0] for s in per])[self.scale_rows]
-                           for per in zip(*staging.scales))
-        keys, values = stage_rows(staging.keys[slot].view(-1, dim),
-                                  staging.values[slot].view(-1, dim), self.cos, self.sin,
-                                  *scales, buf.keys.dtype)
+        dim, slot, dtype = buf.keys.shape[-1], layer % staging.depth, buf.keys.dtype
+        keys, values = staging.keys[slot].view(-1, dim), staging.values[slot].view(-1, dim)  # (R, D)
+        if self.scale_rows is not None:  # each row's (D,) scales of this layer, dequantized
+            key_scales, value_scales = (torch.cat([s[layer, :, 0] for s in per])[self.scale_rows]
+                                        for per in zip(*staging.scales))
+            keys, values = dequantize(keys, key_scales, dtype), dequantize(values, value_scales, dtype)
+        keys, values = apply_rotation(keys, self.cos, self.sin), values.to(dtype)
         buf.keys[layer].view(-1, dim).index_copy_(0, self.rows, keys)
         buf.values[layer].view(-1, dim).index_copy_(0, self.rows, values)
 
@@ -681,13 +680,7 @@ class PipelinedGraph:
         positions = prompt_positions(model, start, prompt_len)
         # Everything the graph reads stays referenced: freed, its memory would be reused.
         if fused_assembly:
-            launches = []
-            for layer in range(n_layers):
-                layer_chunks, scales = self.staging.chunks(layer)
-                launches.append(kernels.plan_assembly(
-                    buf.keys[layer:layer + 1], buf.values[layer:layer + 1], layer_chunks,
-                    slots[1:], offsets[1:], cos, sin,
-                    scales=scales if self.staging.scales is not None else None))
+            launches = self.staging.plan_assembly(buf, slots[1:], offsets[1:], cos, sin)
 
             def assemble(layer: int) -> None:
                 launches[layer]()
