@@ -150,6 +150,31 @@ def test_results_csv_is_what_the_rows_give():
         assert (merged[column] - merged[f"{column}_again"]).abs().max() < 1e-4, column
 
 
+def test_paired_gains_against_another_wrapper_are_the_difference_of_their_scores(capsys):
+    rows_path = ADAPTER_DIR / "rows" / "qwen2.5-coder-0.5b__products__holdout-products.csv.gz"
+    rows = read_rows(rows_path)
+    gains = paired_gains(rows_path, n_boot=50, against="biography-seed0")
+    assert list(gains.wrapper) == [f"general-products-seed{k}" for k in range(3)]
+    assert set(gains.against) == {"biography-seed0"} and set(gains.n) == {200}
+    score = {}
+    for wrapper in ("biography-seed0", "general-products-seed1"):
+        g = rows[rows.wrapper == wrapper].sort_values("sample_id")
+        ref = rows[rows.method == "full_recompute"].set_index("sample_id").answer.loc[g.sample_id]
+        score[wrapper] = (f1_micro(g.answer.tolist(), g.gold.tolist()),
+                          agreement_f1(g.answer.tolist(), ref.tolist()))
+    row = gains.set_index("wrapper").loc["general-products-seed1"]
+    assert row.f1_gain == pytest.approx(score["general-products-seed1"][0]
+                                        - score["biography-seed0"][0])
+    assert row.agree_gain == pytest.approx(score["general-products-seed1"][1]
+                                           - score["biography-seed0"][1])
+    assert row.f1_ci_low <= row.f1_gain <= row.f1_ci_high
+    with pytest.raises(ValueError, match="products-seed0.*general-products-seed2"):
+        paired_gains(rows_path, against="products-seed0")  # the in-domain wrapper is not in it
+    main(["compare", str(rows_path), "--against", "biography-seed0", "--n-boot", "20"])
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + 3 and all("| biography-seed0 |" in line for line in table[2:])
+
+
 def test_adapter_results_figure_has_one_column_per_cell():
     results = pd.read_csv(ADAPTER_DIR / "results.csv", keep_default_na=False)
     fig = plot_adapter_results(results)

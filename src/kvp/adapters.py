@@ -3,7 +3,7 @@
 ``load_adapter("smollm2-135m", "biography")`` returns the trained ``PacketWrapper`` shipped in
 ``data/adapters/<model>/<dataset>-seed<k>/wrapper.safetensors``; :func:`train_recipe` trains a
 recipe into that layout. The benchmark that grades the adapters is :mod:`kvp.report`;
-``python -m kvp.adapters train|evaluate|table|rebuild|plot`` is the command line of both.
+``python -m kvp.adapters train|evaluate|table|compare|rebuild|plot`` is the command line of both.
 """
 
 from __future__ import annotations

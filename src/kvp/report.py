@@ -4,8 +4,9 @@
 the test samples of a (model, dataset, held-out shift) cell and keeps the per-sample answers
 (``data/adapters/rows/``); the cells merge into ``data/adapters/results.csv``
 (:data:`ADAPTER_COLUMNS`). ``seed_summary``, ``paired_gains``, the markdown tables and the
-figures are built from those files alone. ``python -m kvp.adapters train|evaluate|table|rebuild|
-plot`` is :func:`main`; the recipes and the trained adapters are :mod:`kvp.adapters`.
+figures are built from those files alone. ``python -m kvp.adapters
+train|evaluate|table|compare|rebuild|plot`` is :func:`main`; the recipes and the trained adapters
+are :mod:`kvp.adapters`.
 """
 
 from __future__ import annotations
@@ -372,25 +373,55 @@ def plot_adapter_results(results: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def paired_gains(rows_path: Path, n_boot: int = 1000) -> pd.DataFrame:
-    """Per wrapper: kv_packet minus no_recompute on the same samples, in F1 against the gold
-    answers (``f1_gain``) and in agreement with full recompute (``agree_gain``), each with a paired
-    bootstrap 95% CI and p-value (reads the per-sample rows ``evaluate`` wrote)."""
+def paired_gains(rows_path: Path, n_boot: int = 1000, against: str = "no_recompute"
+                 ) -> pd.DataFrame:
+    """Per wrapper: kv_packet minus ``against`` on the same samples, in F1 against the gold answers
+    (``f1_gain``) and in agreement with full recompute (``agree_gain``), each with a paired
+    bootstrap 95% CI and p-value (reads the per-sample rows ``evaluate`` wrote).
+
+    ``against`` is ``"no_recompute"`` or another wrapper of the cell (e.g. a general wrapper's
+    in-domain reference ``products-seed0``); each wrapper is compared on the samples both answered.
+    """
     rows = read_rows(rows_path)
+    kv = rows[rows.method == "kv_packet"]
+    if against == "no_recompute":
+        other = rows[rows.method == "no_recompute"]
+    else:
+        other = kv[kv.wrapper == against]
+        kv = kv[kv.wrapper != against]
+    if other.empty:
+        found = sorted(set(rows.wrapper[rows.method == "kv_packet"]))
+        raise ValueError(f"{rows_path.name} has no answers of {against!r} to compare with; use "
+                         f"'no_recompute' or one of its wrappers: {found}")
     ref = rows[rows.method == "full_recompute"].set_index("sample_id")["answer"]
-    plain = rows[rows.method == "no_recompute"].set_index("sample_id")
+    other = other.set_index("sample_id")
     out = []
-    for wrapper, g in rows[rows.method == "kv_packet"].groupby("wrapper", sort=False):
+    for wrapper, g in kv.groupby("wrapper", sort=False):
+        g = g[g.sample_id.isin(other.index)]
         ids = list(g.sample_id)
-        f1 = paired_bootstrap(list(g.answer), list(plain.answer.loc[ids]), list(g.gold),
+        f1 = paired_bootstrap(list(g.answer), list(other.answer.loc[ids]), list(g.gold),
                               f1_micro, n_boot)
-        agree = paired_bootstrap(list(g.answer), list(plain.answer.loc[ids]), list(ref.loc[ids]),
+        agree = paired_bootstrap(list(g.answer), list(other.answer.loc[ids]), list(ref.loc[ids]),
                                  agreement_f1, n_boot)
         out.append({"model": g.model.iloc[0], "dataset": g.dataset.iloc[0],
-                    "split_shift": g.split_shift.iloc[0], "wrapper": wrapper, "n": len(ids),
+                    "split_shift": g.split_shift.iloc[0], "wrapper": wrapper, "against": against,
+                    "n": len(ids),
                     **dict(zip(("f1_gain", "f1_ci_low", "f1_ci_high", "f1_p_value"), f1)),
                     **dict(zip(("agree_gain", "ci_low", "ci_high", "p_value"), agree))})
     return pd.DataFrame(out)
+
+
+def gains_markdown(gains: pd.DataFrame) -> list[str]:
+    """Markdown table lines of :func:`paired_gains` rows (any mix of references)."""
+    lines = ["| model | dataset | shift | wrapper | against | n | F1 gain (paired 95% CI) | p | "
+             "agreement gain (paired 95% CI) | p |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in gains.itertuples():
+        lines.append(f"| {r.model} | {r.dataset} | {r.split_shift} | {r.wrapper} | {r.against} | "
+                     f"{r.n} | {r.f1_gain:+.3f} ({r.f1_ci_low:+.3f} to {r.f1_ci_high:+.3f}) | "
+                     f"{r.f1_p_value:.3f} | "
+                     f"{r.agree_gain:+.3f} ({r.ci_low:+.3f} to {r.ci_high:+.3f}) | "
+                     f"{r.p_value:.3f} |")
+    return lines
 
 
 def seed_summary_markdown(results: pd.DataFrame, rows_dir: Path | None = None) -> str:
@@ -405,15 +436,7 @@ def seed_summary_markdown(results: pd.DataFrame, rows_dir: Path | None = None) -
                      f"{r.no_recompute_f1:.3f} / {r.no_recompute_agree:.3f} |")
     files = sorted(rows_dir.glob("*.csv.gz")) if rows_dir is not None else []
     if files:
-        lines += ["", "| model | dataset | shift | wrapper | n | F1 gain over no_recompute "
-                  "(paired 95% CI) | p | agreement gain (paired 95% CI) | p |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in pd.concat([paired_gains(f) for f in files]).itertuples():
-            lines.append(f"| {r.model} | {r.dataset} | {r.split_shift} | {r.wrapper} | {r.n} | "
-                         f"{r.f1_gain:+.3f} ({r.f1_ci_low:+.3f} to {r.f1_ci_high:+.3f}) | "
-                         f"{r.f1_p_value:.3f} | "
-                         f"{r.agree_gain:+.3f} ({r.ci_low:+.3f} to {r.ci_high:+.3f}) | "
-                         f"{r.p_value:.3f} |")
+        lines += ["", *gains_markdown(pd.concat([paired_gains(f) for f in files]))]
     return "\n".join(lines) + "\n"
 
 
@@ -467,6 +490,14 @@ def main(argv: list[str] | None = None) -> int:
     tb = sub.add_parser("table", help="print results.csv, its seed summary and paired gains as "
                         "markdown, and draw ROOT/results.png")
     tb.add_argument("--root", type=Path, default=ADAPTER_DIR)
+    cp = sub.add_parser("compare", help="paired F1 and agreement gains of every wrapper of each "
+                        "rows file over a reference: no_recompute or another wrapper (e.g. a "
+                        "general wrapper over its in-domain reference)")
+    cp.add_argument("rows", type=Path, nargs="+",
+                    help="per-sample rows files, e.g. data/adapters/rows/*__holdout-products.csv.gz")
+    cp.add_argument("--against", default="no_recompute",
+                    help="no_recompute or a wrapper of the cell (default: %(default)s)")
+    cp.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
     rb = sub.add_parser("rebuild", help="recompute ROOT/results.csv from the per-sample rows in "
                         "ROOT/rows (e.g. after a new column such as retention)")
     rb.add_argument("--root", type=Path, default=ADAPTER_DIR)
@@ -507,6 +538,12 @@ def main(argv: list[str] | None = None) -> int:
         append_results(table, results)
         print(table.to_string(index=False))
         print(f"wrote {results} and {rows}")
+    elif args.command == "compare":
+        try:
+            gains = pd.concat([paired_gains(f, args.n_boot, args.against) for f in args.rows])
+        except ValueError as err:
+            parser.error(str(err))
+        print("\n".join(gains_markdown(gains)))
     elif args.command == "table":
         print(results_markdown(args.root / "results.csv"))
         results = pd.read_csv(args.root / "results.csv", keep_default_na=False)
