@@ -24,8 +24,9 @@ from kvp.methods import METHODS
 from kvp.params import ConfigError
 from kvp.pipeline import load_profile, parse_profile, validate
 from kvp.results import (
-    DONE_FILE, RESULT_COLUMNS, SOURCE_COLUMNS, collect_summary, read_run_results, read_table,
-    restore_runs, resume_path, write_json, write_run_results,
+    ATTEMPTS_FILE, DONE_FILE, RESULT_COLUMNS, SOURCE_COLUMNS, AttemptLog, collect_summary,
+    read_json, read_run_results, read_table, restore_runs, resume_path, total_wall_s, write_json,
+    write_run_results,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,8 +222,10 @@ def test_export_compresses_tables_and_keeps_only_checkpoints_of_unfinished_runs(
     running.mkdir()
     (running / "03_evaluate.partial.ipynb").write_text("{}")
     pd.DataFrame({"sample_id": ["s0"]}).to_csv(resume_path(running), index=False)
+    write_json(running / ATTEMPTS_FILE, {"attempts": [{"status": "running", "wall_s": 5.0}]})
     dest = tmp_path / "data" / "paper_run"
     write_json(dest / done.name / "resume.csv.gz", {})  # left by an export made while it ran
+    write_json(dest / done.name / ATTEMPTS_FILE, {"attempts": []})  # likewise
     assert pipeline.main(["--export", str(runs), "--to", str(dest)]) == 0
     assert "exported 1 finished runs and the checkpoints of 1 unfinished" in capsys.readouterr().out
     assert sorted(p.name for p in (dest / done.name).iterdir()) == sorted(
@@ -233,7 +236,8 @@ def test_export_compresses_tables_and_keeps_only_checkpoints_of_unfinished_runs(
     assert pipeline.main(["--export", str(runs), "--to", str(dest)]) == 0
     assert (dest / done.name / "samples.csv.gz").read_bytes() == first  # no churn in git
     capsys.readouterr()
-    assert [p.name for p in (dest / running.name).iterdir()] == ["resume.csv.gz"]
+    assert sorted(p.name for p in (dest / running.name).iterdir()) == [ATTEMPTS_FILE,
+                                                                       "resume.csv.gz"]
     summary = pd.read_csv(dest / "summary.csv")
     assert summary["run_id"].tolist() == [done.name] and summary["n"].tolist() == [3]
     assert not [p for p in dest.rglob("*") if ".tmp" in p.name]
@@ -275,10 +279,36 @@ def test_killed_pipeline_resumes_and_skips_finished_cells(tmp_path):
         assert {"DONE.json", "tiny.ipynb", "results.csv", "config.json", "metrics.json"} <= {
             p.name for p in run_dir.iterdir()}
         assert not [p for p in run_dir.iterdir() if "partial" in p.name or ".tmp" in p.name]
+        done = read_json(run_dir / DONE_FILE)
+        assert done["attempts"][-1]["status"] == "done" and not (run_dir / ATTEMPTS_FILE).exists()
+        assert done["total_wall_s"] == total_wall_s(done["attempts"]) >= done["wall_s"] > 0
     summary = pd.read_csv(profile_dir / "summary.csv")
     assert sorted(summary["dataset"].unique()) == ["biography", "niah"] and len(summary) == 4
     report = json.loads((profile_dir / "pipeline.json").read_text())
     assert (report["done"], report["skipped"], report["failed"]) == (1, 1, 0) and report["wall_s"] > 0
+
+
+def test_a_killed_attempt_keeps_its_time_up_to_its_last_heartbeat(tmp_path):
+    script = ("import sys, time; from kvp.results import AttemptLog; "
+              "AttemptLog(sys.argv[1], heartbeat_s=0.05); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT,
+                            start_new_session=True)
+    path = tmp_path / ATTEMPTS_FILE
+    try:
+        wait_for(lambda: path.exists() and read_json(path)["attempts"][0]["wall_s"] >= 0.5, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed = read_json(path)["attempts"][0]["wall_s"]
+    log = AttemptLog(tmp_path, heartbeat_s=0.05)
+    time.sleep(0.2)
+    history = log.end("done")
+    assert [a["status"] for a in history] == ["interrupted", "done"]
+    assert history[0]["wall_s"] == killed >= 0.5 and history[1]["wall_s"] >= 0.2
+    assert read_json(path)["attempts"] == history
+    assert total_wall_s(history) == pytest.approx(killed + history[1]["wall_s"])
+    again = AttemptLog(tmp_path, fresh=True).end("failed")  # --force: a new history
+    assert [a["status"] for a in again] == ["failed"]
 
 
 def test_restore_copies_missing_files_and_keeps_existing_ones(tmp_path):

@@ -24,8 +24,10 @@ or ending in MODEL(S), DATASET(S), METHOD(S)), and each parameter against the no
 ``parameters`` cell.
 
 Each run executes into a temporary notebook renamed into place on success, then writes
-``DONE.json``; finished runs are skipped unless ``--force``. A failed run keeps
-``<notebook>.failed.ipynb`` and ``run.log`` and does not stop the others. At the end
+``DONE.json`` (with the wall time of every process that worked on the run, ``attempts``, and
+their sum, ``total_wall_s``: a resumed run reports its whole cost); finished runs are skipped
+unless ``--force``. A failed run keeps ``<notebook>.failed.ipynb`` and ``run.log`` and does not
+stop the others. At the end
 ``summary.csv`` (see :func:`kvp.results.collect_summary`) and ``pipeline.json`` (wall time,
 counts, failures) are written into ``results/<profile>/``; the exit code is 1 if any run failed.
 
@@ -64,8 +66,8 @@ from kvp import __version__
 from kvp.params import (REPO_ROOT, ConfigError, check_params, dataset_options,
                         method_grid, parameters_cell, repo_path, validate_params)
 from kvp.redraw import redraw
-from kvp.results import (DONE_FILE, atomic_path, clear_resume, collect_summary, export_runs,
-                         machine, restore_runs, write_json)
+from kvp.results import (DONE_FILE, AttemptLog, atomic_path, clear_resume, collect_summary,
+                         export_runs, machine, restore_runs, total_wall_s, write_json)
 
 NOTEBOOKS = (
     "01_attention_shift", "02_train_adapters", "03_evaluate", "04_attention_maps",
@@ -341,6 +343,7 @@ def execute_run(run: Run, notebook_dir: Path, force: bool = False,
     if force:  # start over; otherwise an unfinished run resumes from its checkpoints
         clear_resume(run.out_dir)
     run.out_dir.mkdir(parents=True, exist_ok=True)
+    attempts = AttemptLog(run.out_dir, fresh=force)
     partial = run.out_dir / f"{run.notebook}.partial.ipynb"
     failed = run.out_dir / f"{run.notebook}.failed.ipynb"
     started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
@@ -352,6 +355,7 @@ def execute_run(run: Run, notebook_dir: Path, force: bool = False,
                                    kernel_manager_class=IPCKernelManager)
     except Exception as error:  # any failure of the notebook is reported, the matrix goes on
         log = _write_log(run, partial, error)
+        attempts.end("failed")
         if partial.exists():
             os.replace(partial, failed)
         message = _strip_ansi(str(error)).strip().splitlines()
@@ -360,9 +364,12 @@ def execute_run(run: Run, notebook_dir: Path, force: bool = False,
     os.replace(partial, run.out_dir / f"{run.notebook}.ipynb")
     failed.unlink(missing_ok=True)
     log = _write_log(run, run.out_dir / f"{run.notebook}.ipynb", None)
+    history = attempts.end("done")
     write_json(done, {"notebook": run.notebook, "run_id": run.run_id, "parameters": run.params,
-                      "started": started, "wall_s": round(wall_s, 3), "kvp_version": __version__,
+                      "started": started, "wall_s": round(wall_s, 3), "attempts": history,
+                      "total_wall_s": total_wall_s(history), "kvp_version": __version__,
                       **machine()})
+    attempts.path.unlink()  # the history is in DONE.json now
     return Outcome(run, "done", wall_s, log)
 
 

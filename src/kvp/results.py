@@ -7,7 +7,11 @@ A run directory (``results/<profile>/<run-id>/``, the notebook's ``OUT_DIR``) ho
 * ``results.csv``  — the tidy table, one row per (model, dataset, method, setting) evaluation,
   with the columns of :data:`RESULT_COLUMNS` (missing ones are left empty) plus any extra columns
   the notebook wants to keep (press name, compression ratio, context length, ...);
-* ``DONE.json``    — written by the pipeline only after the whole notebook succeeded.
+* ``attempts.json`` — while the run is unfinished: the wall time of every process that has worked
+  on it (:class:`AttemptLog`), so a run resumed across processes or machines reports its whole
+  cost;
+* ``DONE.json``    — written by the pipeline only after the whole notebook succeeded, with that
+  history (``attempts``, ``total_wall_s``).
 
 Every file is written to a temporary name in the same directory and renamed into place, so a
 reader never sees half a file. :func:`collect_summary` gathers the ``results.csv`` of every
@@ -24,10 +28,13 @@ import os
 import platform
 import shutil
 import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +208,58 @@ def clear_resume(out_dir: str | Path) -> None:
         path.unlink()
 
 
+ATTEMPTS_FILE = "attempts.json"
+
+
+class AttemptLog:
+    """The wall time of every process that works on one run directory, in ``attempts.json``.
+
+    ``AttemptLog(out_dir)`` appends an attempt (``started``, ``device``, ``status`` "running",
+    ``wall_s`` so far) and rewrites it every ``heartbeat_s`` seconds from a daemon thread, so a
+    process that is killed leaves its time up to its last heartbeat. An attempt found still
+    "running" by the next one is marked "interrupted" (its ``wall_s`` is then a lower bound, short
+    by at most ``heartbeat_s``). :meth:`end` stops the heartbeat, records the status and returns
+    the whole history, a list of dicts. ``fresh=True`` forgets the earlier attempts (a forced
+    restart).
+    """
+
+    def __init__(self, out_dir: str | Path, fresh: bool = False, heartbeat_s: float = 30.0):
+        self.path = Path(out_dir) / ATTEMPTS_FILE
+        self.history = [] if fresh or not self.path.exists() else read_json(self.path)["attempts"]
+        for attempt in self.history:
+            if attempt["status"] == "running":
+                attempt["status"] = "interrupted"
+        self.current = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "device": machine()["device"], "status": "running", "wall_s": 0.0}
+        self.history.append(self.current)
+        self._t0, self._lock, self._stop = time.perf_counter(), threading.Lock(), threading.Event()
+        self._write()
+        self._beat = threading.Thread(target=self._heartbeat, args=(heartbeat_s,), daemon=True)
+        self._beat.start()
+
+    def _write(self) -> None:
+        with self._lock:
+            self.current["wall_s"] = round(time.perf_counter() - self._t0, 3)
+            write_json(self.path, {"attempts": self.history})
+
+    def _heartbeat(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self._write()
+
+    def end(self, status: str) -> list[dict[str, Any]]:
+        """Stop the heartbeat and record ``status`` ("done" or "failed"); returns the history."""
+        self._stop.set()
+        self._beat.join()
+        self.current["status"] = status
+        self._write()
+        return self.history
+
+
+def total_wall_s(history: Sequence[Mapping[str, Any]]) -> float:
+    """Seconds of every attempt of an :class:`AttemptLog` history together."""
+    return round(sum(a["wall_s"] for a in history), 3)
+
+
 KEPT_PLAIN = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE, DONE_FILE, "run.log")
 
 
@@ -210,8 +269,8 @@ def export_runs(profile_dir: str | Path, dest: str | Path) -> dict[str, list[str
     Finished runs (``DONE.json``) keep their small files as they are (:data:`KEPT_PLAIN`) and
     every other table gzip-compressed (``samples.csv`` → ``samples.csv.gz``), which
     :func:`read_table` and the re-drawing read; executed notebooks are left out. Unfinished runs
-    keep only their evaluation checkpoints (:func:`resume_path`): copied back under
-    ``results/<profile>/``, the pipeline resumes them where they stopped. ``dest/summary.csv`` is
+    keep only their evaluation checkpoints (:func:`resume_path`) and ``attempts.json``: copied
+    back under ``results/<profile>/``, the pipeline resumes them where they stopped. ``dest/summary.csv`` is
     re-collected over every finished run in ``dest``. Returns the run ids by state
     (``{"finished": [...], "checkpointed": [...]}``).
     """
@@ -226,14 +285,15 @@ def export_runs(profile_dir: str | Path, dest: str | Path) -> dict[str, list[str
                 p.name in KEPT_PLAIN or p.suffix == ".csv" or p.name.endswith(".csv.gz"))]
             state = "finished"
         else:
-            files = sorted(run_dir.glob(CHECKPOINTS))
+            files = sorted(run_dir.glob(CHECKPOINTS)) + sorted(run_dir.glob(ATTEMPTS_FILE))
             state = "checkpointed"
         if not files:
             continue
         target = dest / run_dir.name
         target.mkdir(parents=True, exist_ok=True)
-        if state == "finished":
-            clear_resume(target)  # checkpoints of an earlier, unfinished export
+        if state == "finished":  # checkpoints and attempts of an earlier, unfinished export
+            clear_resume(target)
+            (target / ATTEMPTS_FILE).unlink(missing_ok=True)
         for src in files:
             compress = src.suffix == ".csv" and src.name not in KEPT_PLAIN
             out = target / (src.name + ".gz" if compress else src.name)
