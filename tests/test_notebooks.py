@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from kvp.pipeline import NOTEBOOKS, IPCKernelManager
@@ -88,6 +89,7 @@ def test_user_jsonl_through_notebook_03_started_in_notebooks(tmp_path):
     table = read_run_results(out_dir).table
     assert set(table.dataset) == {"jsonl"} and set(table.n) == {2}
     assert (fig_dir / "fig3_main_results_jsonl.png").is_file()
+    assert not (out_dir / "gains.csv").exists()  # no no_recompute to gain over
 
 
 def test_generated_test_set_with_a_transferred_adapter_through_notebook_03(tmp_path):
@@ -110,6 +112,9 @@ def test_general_wrapper_on_its_held_out_domain_through_notebook_03(tmp_path):
     run = read_run_results(out_dir)
     assert set(run.table.dataset) == {"products"} and set(run.table.n) == {1}
     assert run.config["ADAPTER"] == "shipped:general-products"
+    gains = pd.read_csv(out_dir / "gains.csv")  # the transfer question, paired
+    assert list(gains.method) == ["kv_packet"] and list(gains.against) == ["no_recompute"]
+    assert set(gains.n) == {1}
 
 
 def test_unknown_parameter_name_is_refused(tmp_path):
@@ -128,5 +133,6 @@ def test_notebook_03_evaluates_kv_packet_with_every_wrapper_seed(tmp_path):
     table = read_run_results(out_dir).table
     packet = table[table.method == "kv_packet"]
     assert sorted(packet.setting) == ["seed0", "seed1", "seed2"] and set(packet.n) == {2}
+    assert sorted(pd.read_csv(out_dir / "gains.csv").setting) == ["seed0", "seed1", "seed2"]
     assert packet.agree_f1.notna().all() and len(table[table.method != "kv_packet"]) == 2
     assert not list(out_dir.glob("resume*"))  # the checkpoints of a finished run are removed

@@ -11,6 +11,8 @@ from kvp.adapters import load_adapter
 from kvp.data import load_dataset
 from kvp.evaluate import EvalSettings, SampleError, evaluate, main
 from kvp.methods import get_method
+from kvp.metrics import f1_micro
+from kvp.results import read_rows
 
 DOC = "Ada Lovelace was born in London in 1815. She wrote the first published program."
 
@@ -52,7 +54,14 @@ def test_evaluate_command_on_a_user_file(tmp_path, capsys, smollm):
         assert main(args) == 0
     results = pd.read_csv(out / "results.csv")
     assert list(results.method) == ["no_recompute", "kv_packet"] and set(results.n) == {2}
-    assert len(pd.read_csv(out / "samples.csv")) == 4
+    rows = read_rows(out / "samples.csv")
+    assert len(rows) == 4
+    gains = pd.read_csv(out / "gains.csv")  # does the wrapper help on this file? paired
+    assert list(gains.method) == ["kv_packet"] and list(gains.against) == ["no_recompute"]
+    score = {m: f1_micro(list(g.answer), list(g.gold)) for m, g in rows.groupby("method")}
+    assert gains.f1_gain.item() == pytest.approx(score["kv_packet"] - score["no_recompute"])
+    assert gains.n.item() == 2 and gains.agree_gain.isna().all()  # no full recompute to agree with
+    assert "paired gain over no_recompute" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(args)  # an earlier run is not replaced silently
     assert "--overwrite" in capsys.readouterr().err

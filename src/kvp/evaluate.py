@@ -26,7 +26,7 @@ from kvp.data import Sample, load_dataset
 from kvp.data.mixture import trained_on
 from kvp.data.prompts import build_segments, dataset_of, extract_answer, generation_config
 from kvp.methods import Method, QueryContext, make_context, run_method, run_methods
-from kvp.metrics import agreement_f1, bootstrap_ci, f1_micro, token_f1
+from kvp.metrics import agreement_f1, bootstrap_ci, f1_micro, paired_bootstrap, token_f1
 from kvp.models import load_model
 from kvp.packet import PacketStore, PacketWrapper, check_length, tokenize_document
 from kvp.params import WRAPPER_SPECS, load_wrapper, method_grid
@@ -215,6 +215,42 @@ def method_summary(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.
     return pd.DataFrame(out)
 
 
+def paired_gain(rows: pd.DataFrame, other: pd.DataFrame, reference: pd.Series | None = None,
+                n_boot: int = 1000) -> dict[str, float]:
+    """``rows`` minus ``other`` (two methods' rows: sample_id, answer, gold) on the samples both
+    answered: ``f1_gain`` against the gold answers and ``agree_gain`` in agreement with
+    ``reference`` (full recompute's answers indexed by sample_id; NaN without it), each with a
+    paired bootstrap 95% CI and two-sided p-value, and ``n`` the samples compared."""
+    other = other.set_index("sample_id")
+    rows = rows[rows.sample_id.isin(other.index)]
+    ids, answers = list(rows.sample_id), list(rows.answer)
+    theirs = list(other.answer.loc[ids])
+    f1 = paired_bootstrap(answers, theirs, list(rows.gold), f1_micro, n_boot)
+    agree = ((float("nan"),) * 4 if reference is None else
+             paired_bootstrap(answers, theirs, list(reference.loc[ids]), agreement_f1, n_boot))
+    return {"n": len(ids),
+            **dict(zip(("f1_gain", "f1_ci_low", "f1_ci_high", "f1_p_value"), f1)),
+            **dict(zip(("agree_gain", "agree_ci_low", "agree_ci_high", "agree_p_value"), agree))}
+
+
+def gains_over(rows: pd.DataFrame, against: str = "no_recompute",
+               n_boot: int = 1000) -> pd.DataFrame:
+    """One row per (model, dataset, method, setting) but ``against`` and full recompute: its
+    :func:`paired_gain` over the method ``against`` on the same samples (empty without it)."""
+    out = []
+    for (model, dataset), part in rows.groupby(["model", "dataset"], sort=False):
+        other, full = part[part.method == against], part[part.method == "full_recompute"]
+        if other.empty:
+            continue
+        reference = full.set_index("sample_id").answer if len(full) else None
+        for (method, setting), g in part.groupby(["method", "setting"], sort=False):
+            if method not in (against, "full_recompute"):
+                out.append({"model": model, "dataset": dataset, "method": method,
+                            "setting": setting, "against": against,
+                            **paired_gain(g, other, reference, n_boot)})
+    return pd.DataFrame(out)
+
+
 def meta_breakdown(rows: pd.DataFrame, key: str, label: str) -> pd.DataFrame:
     """Micro F1 per integer value of the sample meta field ``key`` (row column ``meta_<key>``).
 
@@ -242,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m kvp.evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Evaluate reuse methods on your own JSONL file (see python -m kvp.data "
         "validate); writes OUT/results.csv (one row per method setting), OUT/samples.csv (one "
-        "row per sample and method), config.json and metrics.json.")
+        "row per sample and method), OUT/gains.csv (each method's paired F1 and agreement gain "
+        "over no_recompute, with bootstrap CIs), config.json and metrics.json.")
     parser.add_argument("--jsonl", type=Path, required=True, help="dataset file, one sample a line")
     parser.add_argument("--out", type=Path, required=True, help="directory to write into")
     parser.add_argument("--model", default="smollm2-135m", help="registry name, hub id or path")
@@ -294,7 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(args.out / "samples.csv") as tmp:
         rows.to_csv(tmp, index=False)
     print(summary.round(3).to_string(index=False))
-    print(f"wrote {args.out / RESULTS_FILE} and {args.out / 'samples.csv'}")
+    gains = gains_over(rows, n_boot=1000)
+    written = [args.out / RESULTS_FILE, args.out / "samples.csv"]
+    if len(gains):  # does the wrapper help on this corpus? the paired test says
+        with atomic_path(args.out / "gains.csv") as tmp:
+            gains.to_csv(tmp, index=False)
+        written.append(args.out / "gains.csv")
+        print("\npaired gain over no_recompute (95% CI):")
+        print(gains.round(3).to_string(index=False))
+    print("wrote " + ", ".join(map(str, written)))
     return 0
 
 
