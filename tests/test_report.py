@@ -16,8 +16,8 @@ from kvp.data import DOMAINS
 from kvp.evaluate import hop_breakdown
 from kvp.metrics import agreement_f1, f1_micro
 from kvp.packet import PacketWrapper
-from kvp.report import (append_results, breakdown_markdown, check_rows_budget, evaluate_adapters,
-                        main, paired_gains, plot_adapter_results, read_rows,
+from kvp.report import (append_results, attribute_breakdown, breakdown_markdown, check_rows_budget,
+                        evaluate_adapters, main, paired_gains, plot_adapter_results, read_rows,
                         results_from_rows, results_markdown, seed_summary, seed_summary_markdown,
                         sweep_table)
 from kvp.train import TrainConfig, training_samples
@@ -258,6 +258,16 @@ def test_f1_per_hop_count_by_hand():
     plain = hop_breakdown(rows.drop(columns="wrapper").assign(setting=""))  # kvp.evaluate rows
     assert list(plain.columns) == ["full_recompute", "kv_packet"]
     assert plain.loc[3, "kv_packet"] == 1.0
+
+
+def test_f1_per_asked_field_of_a_kind_of_document():
+    rows = read_rows(ADAPTER_DIR / "rows" / "qwen2.5-coder-0.5b__products__holdout-products.csv.gz")
+    table = attribute_breakdown(rows)
+    assert table.index.name == "attribute" and set(table.index) == set(rows.meta_attribute)
+    asked = rows[(rows.meta_attribute == "price") & (rows.wrapper == "biography-seed0")]
+    assert len(asked) > 10
+    assert table.loc["price", "kv_packet biography-seed0"] == pytest.approx(
+        f1_micro(list(asked.answer), list(asked.gold)))
 
 
 def test_cli_holdout_cell_names_the_held_out_domain(tmp_path, monkeypatch, smollm):

@@ -252,14 +252,16 @@ def gains_over(rows: pd.DataFrame, against: str = "no_recompute",
 
 
 def meta_breakdown(rows: pd.DataFrame, key: str, label: str) -> pd.DataFrame:
-    """Micro F1 per integer value of the sample meta field ``key`` (row column ``meta_<key>``).
+    """Micro F1 per value of the sample meta field ``key`` (row column ``meta_<key>``; numbers are
+    grouped as integers, e.g. slots and hop counts, anything else as written, e.g. attributes).
 
     One column per method and setting (rows of :func:`evaluate`) or per method and wrapper (rows
     of ``kvp.adapters.evaluate_adapters``); the index is named ``label``.
     """
     extra = rows["wrapper"] if "wrapper" in rows else rows["setting"]
+    group = rows[f"meta_{key}"]
     rows = rows.assign(column=rows.method + extra.fillna("").map(lambda w: f" {w}" if w else ""),
-                       group=rows[f"meta_{key}"].astype(int))
+                       group=group.astype(int) if pd.api.types.is_numeric_dtype(group) else group)
     table = rows.groupby(["group", "column"], sort=True).apply(
         lambda g: f1_micro(list(g.answer), list(g.gold)), include_groups=False).unstack()
     table.index.name = label

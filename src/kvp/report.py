@@ -22,7 +22,7 @@ from kvp import distributed
 from kvp.adapters import (ADAPTER_DIR, HOLDOUT, RECIPES, SHIFTS, SWEEP, adapter_of,
                           load_adapter, parse_adapter, shift_options, sweep_variant,
                           train_recipe)
-from kvp.data import GENERATORS, load_dataset
+from kvp.data import DOMAINS, GENERATORS, load_dataset
 from kvp.evaluate import (EvalSettings, evaluate, hop_breakdown, meta_breakdown, method_summary,
                           paired_gain)
 from kvp.methods import get_method
@@ -160,6 +160,12 @@ def results_from_rows(rows_dir: Path, n_boot: int = 1000) -> pd.DataFrame:
 def slot_breakdown(rows: pd.DataFrame) -> pd.DataFrame:
     """Micro F1 per target-document slot (biography rows), one column per (method, wrapper)."""
     return meta_breakdown(rows, "target_slot", "target slot")
+
+
+def attribute_breakdown(rows: pd.DataFrame) -> pd.DataFrame:
+    """Micro F1 per asked field (rows of a kind of document: ``meta["attribute"]``), one column
+    per (method, wrapper)."""
+    return meta_breakdown(rows, "attribute", "attribute")
 
 
 def breakdown_markdown(table: pd.DataFrame) -> str:
@@ -545,7 +551,9 @@ def main(argv: list[str] | None = None) -> int:
         if len(sweep):  # a results directory of evaluations only has no sweep
             print("\n" + sweep_markdown(sweep))
         for pattern, title, breakdown in [("*__biography__none", "target slot", slot_breakdown),
-                                          ("*__multihop__*", "hop count", hop_breakdown)]:
+                                          ("*__multihop__*", "hop count", hop_breakdown),
+                                          *((f"*__{kind}__*", "asked field", attribute_breakdown)
+                                            for kind in DOMAINS)]:
             for path in sorted(args.root.glob(f"rows/{pattern}.csv.gz")):
                 model, _, shift = path.name.removesuffix(".csv.gz").split("__")
                 print(f"\nF1 by {title}, {model} ({shift}):\n")
