@@ -346,7 +346,6 @@ def execute_run(run: Run, notebook_dir: Path, force: bool = False,
     attempts = AttemptLog(run.out_dir, fresh=force)
     partial = run.out_dir / f"{run.notebook}.partial.ipynb"
     failed = run.out_dir / f"{run.notebook}.failed.ipynb"
-    started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     try:
         papermill.execute_notebook(str(notebook_dir / f"{run.notebook}.ipynb"), str(partial),
                                    parameters=run.params, kernel_name=KERNEL, cwd=str(Path.cwd()),
@@ -355,22 +354,22 @@ def execute_run(run: Run, notebook_dir: Path, force: bool = False,
                                    kernel_manager_class=IPCKernelManager)
     except Exception as error:  # any failure of the notebook is reported, the matrix goes on
         log = _write_log(run, partial, error)
-        attempts.end("failed")
+        this = attempts.end("failed")[-1]
         if partial.exists():
             os.replace(partial, failed)
         message = _strip_ansi(str(error)).strip().splitlines()
-        return Outcome(run, "failed", time.perf_counter() - t0, log, message[-1] if message else "")
-    wall_s = time.perf_counter() - t0
+        return Outcome(run, "failed", this["wall_s"], log, message[-1] if message else "")
     os.replace(partial, run.out_dir / f"{run.notebook}.ipynb")
     failed.unlink(missing_ok=True)
     log = _write_log(run, run.out_dir / f"{run.notebook}.ipynb", None)
     history = attempts.end("done")
+    this = history[-1]
     write_json(done, {"notebook": run.notebook, "run_id": run.run_id, "parameters": run.params,
-                      "started": started, "wall_s": round(wall_s, 3), "attempts": history,
+                      "started": this["started"], "wall_s": this["wall_s"], "attempts": history,
                       "total_wall_s": total_wall_s(history), "kvp_version": __version__,
                       **machine()})
     attempts.path.unlink()  # the history is in DONE.json now
-    return Outcome(run, "done", wall_s, log)
+    return Outcome(run, "done", this["wall_s"], log)
 
 
 def waves(runs: Sequence[Run]) -> list[list[int]]:
