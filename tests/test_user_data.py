@@ -62,6 +62,8 @@ def test_evaluate_command_on_a_user_file(tmp_path, capsys, smollm):
     assert gains.f1_gain.item() == pytest.approx(score["kv_packet"] - score["no_recompute"])
     assert gains.n.item() == 2 and gains.agree_gain.isna().all()  # no full recompute to agree with
     assert "paired gain over no_recompute" in capsys.readouterr().out
+    assert main([*args[:-2], "full_recompute", "kv_packet", "--overwrite"]) == 0
+    assert not (out / "gains.csv").exists()  # no no_recompute now: the old gains are not left
     with pytest.raises(SystemExit):
         main(args)  # an earlier run is not replaced silently
     assert "--overwrite" in capsys.readouterr().err

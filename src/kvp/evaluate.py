@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(args.out / "samples.csv") as tmp:
         rows.to_csv(tmp, index=False)
     print(summary.round(3).to_string(index=False))
-    gains = gains_over(rows, n_boot=1000)
+    gains = gains_over(rows)
     written = [args.out / RESULTS_FILE, args.out / "samples.csv"]
     if len(gains):  # does the wrapper help on this corpus? the paired test says
         with atomic_path(args.out / "gains.csv") as tmp:
@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         written.append(args.out / "gains.csv")
         print("\npaired gain over no_recompute (95% CI):")
         print(gains.round(3).to_string(index=False))
+    else:  # no no_recompute: an overwritten run's gains would be stale
+        (args.out / "gains.csv").unlink(missing_ok=True)
     print("wrote " + ", ".join(map(str, written)))
     return 0
 
