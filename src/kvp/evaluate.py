@@ -251,6 +251,18 @@ def gains_over(rows: pd.DataFrame, against: str = "no_recompute",
     return pd.DataFrame(out)
 
 
+def save_gains(rows: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
+    """:func:`gains_over` no recompute, written to ``out_dir/gains.csv`` (atomically); without
+    no recompute there are none, and a ``gains.csv`` of an earlier run there is removed."""
+    gains, path = gains_over(rows), Path(out_dir) / "gains.csv"
+    if len(gains):
+        with atomic_path(path) as tmp:
+            gains.to_csv(tmp, index=False)
+    else:
+        path.unlink(missing_ok=True)
+    return gains
+
+
 def meta_breakdown(rows: pd.DataFrame, key: str, label: str) -> pd.DataFrame:
     """Micro F1 per value of the sample meta field ``key`` (row column ``meta_<key>``; numbers are
     grouped as integers, e.g. slots and hop counts, anything else as written, e.g. attributes).
@@ -333,16 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(args.out / "samples.csv") as tmp:
         rows.to_csv(tmp, index=False)
     print(summary.round(3).to_string(index=False))
-    gains = gains_over(rows)
+    gains = save_gains(rows, args.out)
     written = [args.out / RESULTS_FILE, args.out / "samples.csv"]
     if len(gains):  # does the wrapper help on this corpus? the paired test says
-        with atomic_path(args.out / "gains.csv") as tmp:
-            gains.to_csv(tmp, index=False)
         written.append(args.out / "gains.csv")
         print("\npaired gain over no_recompute (95% CI):")
         print(gains.round(3).to_string(index=False))
-    else:  # no no_recompute: an overwritten run's gains would be stale
-        (args.out / "gains.csv").unlink(missing_ok=True)
     print("wrote " + ", ".join(map(str, written)))
     return 0
 

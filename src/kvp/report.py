@@ -397,9 +397,8 @@ def paired_gains(rows_path: Path, n_boot: int = 1000, against: str = "no_recompu
         other = kv[kv.wrapper == against]
         kv = kv[kv.wrapper != against]
     if other.empty:
-        found = sorted(set(rows.wrapper[rows.method == "kv_packet"]))
         raise ValueError(f"{rows_path.name} has no answers of {against!r} to compare with; use "
-                         f"'no_recompute' or one of its wrappers: {found}")
+                         f"'no_recompute' or one of its wrappers: {sorted(set(kv.wrapper))}")
     ref = rows[rows.method == "full_recompute"].set_index("sample_id")["answer"]
     out = []
     for wrapper, g in kv.groupby("wrapper", sort=False):
